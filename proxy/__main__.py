@@ -1,0 +1,7 @@
+"""``python -m proxy``: the same as the ``mdcloud-proxy`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,117 @@
+"""Replayable request body: streams the caller's body once, keeps a copy to send it again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from typing import IO
+
+from aiohttp import StreamReader
+
+from .errors import BodyError
+
+__all__ = ["ReplayableBody"]
+
+READ_SIZE = 256 * 1024
+
+
+class ReplayableBody:
+    """The caller's body, teed while it streams upstream so that it can be replayed.
+
+    The first ``memory_limit`` bytes are kept in memory, the rest in an unlinked temporary
+    file. Each call to ``stream()`` starts a new attempt: it yields what was already captured,
+    then goes on reading the caller's stream. The caller's stream is read once, never twice,
+    and a newer attempt supersedes an older one, whose iterator then stops. ``close()`` drops
+    the copy; it must be called when the request ends.
+    """
+
+    def __init__(self, source: StreamReader, *, memory_limit: int, max_size: int):
+        self._source = source
+        self._memory_limit = memory_limit
+        self._max_size = max_size
+        self._memory = bytearray()
+        self._file: IO[bytes] | None = None
+        self._size = 0
+        self._eof = False
+        self._attempt = 0
+        self._closed = False
+        self._lock = asyncio.Lock()
+        self.error: BodyError | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes read from the caller so far."""
+        return self._size
+
+    def stream(self) -> AsyncIterator[bytes]:
+        """A new attempt at sending the whole body, from its first byte."""
+        self._attempt += 1
+        return self._iterate(self._attempt)
+
+    def close(self) -> None:
+        """Drop the captured copy; the temporary file disappears with it."""
+        self._closed = True
+        self._memory = bytearray()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    async def _iterate(self, attempt: int) -> AsyncIterator[bytes]:
+        position = 0
+        while attempt == self._attempt and not self._closed:
+            if position < self._size:
+                chunk = self._captured(position)
+            elif self._eof:
+                return
+            else:
+                async with self._lock:
+                    # An older attempt may have read more while this one waited for the lock.
+                    if position < self._size or self._eof or attempt != self._attempt:
+                        continue
+                    chunk = await self._read_source()
+                if not chunk:
+                    return
+            position += len(chunk)
+            yield chunk
+
+    def _captured(self, position: int) -> bytes:
+        if position < len(self._memory):
+            return bytes(self._memory[position : position + READ_SIZE])
+        assert self._file is not None
+        return os.pread(self._file.fileno(), READ_SIZE, position - len(self._memory))
+
+    async def _read_source(self) -> bytes:
+        try:
+            chunk = await self._source.readany()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.error = BodyError("the caller's request body broke off", status=400)
+            raise self.error from None
+        if not chunk:
+            self._eof = True
+            return chunk
+        if self._size + len(chunk) > self._max_size:
+            self.error = BodyError(
+                f"request body larger than limits.max_body_size ({self._max_size} bytes)",
+                status=413,
+                code=413001,
+            )
+            raise self.error
+        self._capture(chunk)
+        return chunk
+
+    def _capture(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        room = self._memory_limit - len(self._memory)
+        if room > 0:
+            self._memory += chunk[:room]
+            chunk = chunk[room:]
+        if chunk:
+            if self._file is None:
+                # TemporaryFile is unlinked at once on POSIX: nothing is left behind on a crash.
+                self._file = tempfile.TemporaryFile(prefix="mdcloud-proxy-")  # noqa: SIM115
+            self._file.write(chunk)
+            self._file.flush()  # _captured() reads the file with pread, past Python's buffer

@@ -1,0 +1,176 @@
+"""Command line: parse flags, set up logging, run the proxy, the simulator or the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .app import create_app, serve
+from .config import Config, load_config
+from .errors import ConfigError
+from .simulator import Simulator
+
+__all__ = ["main"]
+
+log = logging.getLogger("mdcloud_proxy")
+
+DEMO_CLIENT_ID = "demo-client"
+DEMO_CLIENT_SECRET = "demo-secret"  # noqa: S105 - the simulator's, printed on purpose
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mdcloud-proxy",
+        description="Local authenticating reverse proxy for OPSWAT MetaDefender Cloud.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", metavar="PATH", help="YAML config file ($MDCLOUD_PROXY_CONFIG)")
+    parser.add_argument("--host", help="address to listen on (listen.host, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (listen.port, default 8080)")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run in front of the built-in MetaDefender simulator with short-lived tokens",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sim = commands.add_parser(
+        "simulator", help="run only the MetaDefender Cloud simulator (for offline integration work)"
+    )
+    sim.add_argument("--host", dest="sim_host", default="127.0.0.1")
+    sim.add_argument("--port", dest="sim_port", type=int, default=9000)
+    sim.add_argument("--client-id", default=DEMO_CLIENT_ID)
+    sim.add_argument("--client-secret", default=DEMO_CLIENT_SECRET)
+    sim.add_argument("--api-key", default=None, help="require this apikey header too")
+    sim.add_argument("--token-lifetime", type=float, default=3600.0, help="expires_in, seconds")
+    sim.add_argument(
+        "--revoke-after",
+        type=float,
+        default=None,
+        help="seconds after which the simulator really refuses a token (< lifetime: early expiry)",
+    )
+    return parser
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def _run_proxy(config: Config) -> None:
+    runner = await serve(create_app(config), config.host, config.port)
+    log.info(
+        "mdcloud-proxy %s listening on http://%s:%d, forwarding to %s",
+        __version__,
+        config.host,
+        runner.addresses[0][1],
+        config.upstream_url,
+    )
+    try:
+        await _wait_for_signal()
+    finally:
+        await runner.cleanup()
+
+
+async def _run_simulator(sim: Simulator, host: str, port: int) -> None:
+    runner = await serve(sim.app(), host, port)
+    log.info(
+        "MetaDefender Cloud simulator on http://%s:%d (client id %r, token lifetime %.0f s)",
+        host,
+        runner.addresses[0][1],
+        sim.client_id,
+        sim.token_lifetime,
+    )
+    try:
+        await _wait_for_signal()
+    finally:
+        await runner.cleanup()
+
+
+async def _run_demo(host: str, port: int) -> None:
+    # Tokens live 60 s but the simulator drops them after 20 s, so within a minute of
+    # use the proxy shows both a refresh ahead of expiry and an expired-token replay.
+    sim = Simulator(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, token_lifetime=60, revoke_after=20)
+    sim_runner = await serve(sim.app(), "127.0.0.1", 0)
+    upstream = f"http://127.0.0.1:{sim_runner.addresses[0][1]}"
+    config = load_config(
+        environ={},
+        overrides={
+            "listen.host": host,
+            "listen.port": port,
+            "upstream.url": upstream,
+            "oauth.client_id": DEMO_CLIENT_ID,
+            "oauth.client_secret": DEMO_CLIENT_SECRET,
+        },
+    )
+    proxy_runner = await serve(create_app(config), config.host, config.port)
+    base = f"http://{config.host}:{proxy_runner.addresses[0][1]}"
+    print(
+        f"""
+mdcloud-proxy demo: the proxy on {base} forwards to a local MetaDefender Cloud simulator
+at {upstream}. Tokens are announced for 60 s but refused by the simulator after 20 s, so
+the log below shows the proxy refreshing and replaying. Try, in another terminal:
+
+  curl {base}/v4/apikey/
+  echo 'hello' > sample.txt
+  curl -X POST --data-binary @sample.txt -H 'filename: sample.txt' {base}/v4/file
+  curl {base}/v4/file/<data_id from the answer above>
+  curl {base}/v4/hash/<sha256 from the answer above>
+
+None of these carries a credential: the proxy adds the bearer token. Ctrl-C stops the demo.
+""",
+        flush=True,
+    )
+    try:
+        await _wait_for_signal()
+    finally:
+        await proxy_runner.cleanup()
+        await sim_runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mdcloud-proxy`` command."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "simulator":
+        sim = Simulator(
+            args.client_id,
+            args.client_secret,
+            api_key=args.api_key,
+            token_lifetime=args.token_lifetime,
+            revoke_after=args.revoke_after,
+        )
+        asyncio.run(_run_simulator(sim, args.sim_host, args.sim_port))
+        return 0
+    if args.demo:
+        asyncio.run(_run_demo(args.host or "127.0.0.1", 8080 if args.port is None else args.port))
+        return 0
+    try:
+        config = load_config(
+            args.config, os.environ, {"listen.host": args.host, "listen.port": args.port}
+        )
+    except ConfigError as exc:
+        print(f"mdcloud-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_run_proxy(config))
+    except OSError as exc:
+        print(f"mdcloud-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+

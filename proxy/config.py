@@ -1,0 +1,247 @@
+"""Configuration: one frozen ``Config`` from a YAML file, then environment variables, then flags."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yarl import URL
+
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_UPSTREAM", "KEYS", "Config", "load_config", "parse_size"]
+
+DEFAULT_UPSTREAM = "https://api.metadefender.com"
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the proxy needs to run; secrets are kept out of ``repr``."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    api_key: str | None = field(default=None, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 8080
+    upstream_url: str = DEFAULT_UPSTREAM
+    ca_file: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    token_url: str = DEFAULT_UPSTREAM + "/v4/oauth2/token"
+    refresh_margin: float = 60.0
+    max_body_size: int = 256 * MiB
+    replay_memory_limit: int = 1 * MiB
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kb": 1000, "kib": 1024,
+    "m": MiB, "mb": 1000**2, "mib": MiB,
+    "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
+}  # fmt: skip
+
+
+def parse_size(value: object) -> int:
+    """Parse a byte size: an integer, or a string such as ``512MiB``, ``1GB`` or ``64k``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1048576 or '512MiB'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    match = _SIZE_RE.match(str(value))
+    if match is None or (match.group(2) or "").lower() not in _SIZE_UNITS:
+        raise ValueError(f"{value!r} is not a size such as 1048576, '64KiB' or '512MiB'")
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty string")
+    return value.strip()
+
+
+def _secret(value: object) -> str:
+    # Not _text: the message must never quote the value.
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _port(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"{value!r} is not a port number (0-65535)")
+    return value
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().removesuffix("s"))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{value!r} is not a non-negative number of seconds")
+    return float(value)
+
+
+def _positive_seconds(value: object) -> float:
+    seconds = _seconds(value)
+    if seconds == 0:
+        raise ValueError("must be greater than 0")
+    return seconds
+
+
+def _http_url(value: object) -> str:
+    text = _text(value)
+    url = URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{text!r} is not an http:// or https:// URL with a host")
+    if url.query_string or url.fragment or url.user or url.password:
+        raise ValueError(f"{text!r} must not carry a query, fragment or credentials")
+    return text.rstrip("/")
+
+
+def _readable_file(value: object) -> str:
+    path = _text(value)
+    try:
+        Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+@dataclass(frozen=True)
+class _Key:
+    parse: Callable[[object], Any]
+    env: str
+    attr: str
+
+
+def _env(key: str) -> str:
+    return "MDCLOUD_PROXY_" + key.upper().replace(".", "_")
+
+
+# Every accepted key, its parser, its environment variable and the Config field it fills.
+KEYS: dict[str, _Key] = {
+    "listen.host": _Key(_text, _env("listen.host"), "host"),
+    "listen.port": _Key(_port, _env("listen.port"), "port"),
+    "upstream.url": _Key(_http_url, _env("upstream.url"), "upstream_url"),
+    "upstream.ca_file": _Key(_readable_file, _env("upstream.ca_file"), "ca_file"),
+    "upstream.connect_timeout": _Key(_positive_seconds, _env("upstream.connect_timeout"),
+                                     "connect_timeout"),
+    "upstream.read_timeout": _Key(_positive_seconds, _env("upstream.read_timeout"),
+                                  "read_timeout"),
+    "oauth.token_url": _Key(_http_url, _env("oauth.token_url"), "token_url"),
+    "oauth.client_id": _Key(_text, "MDCLOUD_CLIENT_ID", "client_id"),
+    "oauth.client_secret": _Key(_secret, "MDCLOUD_CLIENT_SECRET", "client_secret"),
+    "oauth.client_secret_file": _Key(_text, "MDCLOUD_CLIENT_SECRET_FILE", ""),
+    "oauth.refresh_margin": _Key(_seconds, _env("oauth.refresh_margin"), "refresh_margin"),
+    "api_key": _Key(_secret, "MDCLOUD_API_KEY", "api_key"),
+    "limits.max_body_size": _Key(parse_size, _env("limits.max_body_size"), "max_body_size"),
+    "replay.memory_limit": _Key(parse_size, _env("replay.memory_limit"), "replay_memory_limit"),
+}  # fmt: skip
+CONFIG_ENV = "MDCLOUD_PROXY_CONFIG"
+
+
+def _flatten(data: Mapping[Any, Any], prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, Mapping) and key not in KEYS:
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _read_yaml(path: str) -> dict[str, object]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of keys")
+    flat = _flatten(data)
+    for key in flat:
+        if key not in KEYS:
+            raise ConfigError(f"config file {path}: {key}: unknown key")
+    return flat
+
+
+def _read_secret_file(path: str) -> str:
+    try:
+        secret = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"oauth.client_secret_file: cannot read {path}: {reason}") from None
+    # Files written by editors and `echo` end in a newline that is not part of the secret.
+    secret = secret.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ConfigError(f"oauth.client_secret_file: {path} is empty")
+    return secret
+
+
+def load_config(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Build the Config from a YAML file, then ``environ``, then ``overrides`` (flags).
+
+    ``path`` defaults to ``$MDCLOUD_PROXY_CONFIG``. Raises ``ConfigError`` naming the key and
+    the problem; no message ever quotes a secret.
+    """
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(CONFIG_ENV) or None
+    raw: dict[str, object] = _read_yaml(path) if path else {}
+    for key, spec in KEYS.items():
+        if environ.get(spec.env):
+            raw[key] = environ[spec.env]
+    for key, value in (overrides or {}).items():
+        if key not in KEYS:
+            raise ConfigError(f"{key}: unknown key")
+        if value is not None:
+            raw[key] = value
+
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if value is None:
+            continue
+        try:
+            values[key] = KEYS[key].parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+    secret_file = values.pop("oauth.client_secret_file", None)
+    if secret_file is not None:
+        if "oauth.client_secret" in values:
+            raise ConfigError(
+                "oauth.client_secret_file: set either oauth.client_secret or "
+                "oauth.client_secret_file, not both"
+            )
+        values["oauth.client_secret"] = _read_secret_file(secret_file)
+    for key in ("oauth.client_id", "oauth.client_secret"):
+        if key not in values:
+            raise ConfigError(f"{key}: missing (set it in the config file or {KEYS[key].env})")
+    upstream = values.get("upstream.url", DEFAULT_UPSTREAM)
+    values.setdefault("oauth.token_url", upstream + "/v4/oauth2/token")
+    return Config(**{KEYS[key].attr: value for key, value in values.items()})

@@ -1,0 +1,81 @@
+"""Exceptions of the proxy and the MetaDefender-shaped JSON error answer.
+
+Exception tree::
+
+    ProxyError                  any failure the proxy explains to its caller
+    ├── ConfigError             bad configuration; the message names the key and the problem
+    ├── TokenError              no bearer token could be obtained (status 502 or 503)
+    └── BodyError               the caller's request body could not be taken (413 or 400)
+
+No message ever contains a secret: not the client secret, the api key, nor a token.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+__all__ = ["BodyError", "ConfigError", "ProxyError", "TokenError", "error_response"]
+
+
+class ProxyError(Exception):
+    """A failure with an HTTP status and a MetaDefender-style error code (status * 1000 + n)."""
+
+    status = 500
+    code = 500000
+
+    def __init__(self, message: str, *, status: int | None = None, code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+    def response(self, headers: dict[str, str] | None = None) -> web.Response:
+        """The JSON answer that tells the caller what went wrong."""
+        return error_response(self.status, self.code, self.message, headers)
+
+
+class ConfigError(ProxyError):
+    """The configuration is unusable; raised before the proxy listens."""
+
+
+class TokenError(ProxyError):
+    """The token endpoint could not give a usable token.
+
+    ``rejected`` is true when the endpoint refused the client credentials: a configuration
+    problem that retrying cannot fix. ``retry_after`` (seconds) is set when the caller should wait.
+    """
+
+    status = 503
+    code = 503001
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 503,
+        rejected: bool = False,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message, status=status, code=status * 1000 + 1)
+        self.rejected = rejected
+        self.retry_after = retry_after
+
+
+class BodyError(ProxyError):
+    """The caller's request body was too large or broke off."""
+
+    status = 400
+    code = 400001
+
+
+def error_response(
+    status: int, code: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON error in MetaDefender's shape: ``{"error": {"code": N, "messages": [...]}}``."""
+    return web.json_response(
+        {"error": {"code": code, "messages": [f"mdcloud-proxy: {message}"]}},
+        status=status,
+        headers=headers,
+    )

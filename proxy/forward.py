@@ -1,0 +1,295 @@
+"""The request handler: filter headers, stream both ways, replay once when the token is refused."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from ssl import SSLContext
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .body import ReplayableBody
+from .errors import ProxyError, TokenError, error_response
+from .tokens import Token, TokenCache
+
+__all__ = ["HOP_BY_HOP", "Forwarder"]
+
+log = logging.getLogger("mdcloud_proxy.forward")
+
+# RFC 9110 7.6.1 and the ones Go's httputil.ReverseProxy also drops.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Host is the upstream's, framing is aiohttp's, Expect is answered here, Authorization is ours.
+_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "authorization"}
+_NOT_RETURNED = HOP_BY_HOP | {"content-length"}
+TOKEN_REFUSED_CODES = frozenset({401009, 401010})
+_PEEK_LIMIT = 64 * 1024
+
+
+def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """A copy of ``headers`` in order, without ``drop`` and whatever Connection names."""
+    named = {
+        name.strip().lower() for value in headers.getall("Connection", ()) for name in value.split(",")
+    }
+    return CIMultiDict(
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in drop and name.lower() not in named
+    )
+
+
+def token_refused(status: int, headers: CIMultiDictProxy[str], body: bytes) -> bool:
+    """Whether an upstream answer says the bearer token expired or is invalid."""
+    if status != 401:
+        return False
+    if any('error="invalid_token"' in v for v in headers.getall("WWW-Authenticate", ())):
+        return True
+    try:
+        error = json.loads(body).get("error")
+        return isinstance(error, dict) and error.get("code") in TOKEN_REFUSED_CODES
+    except (ValueError, AttributeError):
+        return False
+
+
+async def _peek(resp: aiohttp.ClientResponse) -> bytes:
+    """Read the start of a (small) 401 answer so it can be inspected and still passed on."""
+    data = bytearray()
+    while len(data) < _PEEK_LIMIT:
+        chunk = await resp.content.readany()
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _upstream_failure(
+    exc: BaseException, url: URL, body: ReplayableBody | None
+) -> ProxyError:
+    """The error to show the caller for a failed upstream exchange.
+
+    Only the exception's type and OS reason are used: the repr of aiohttp's errors can
+    carry the request headers, and with them the bearer token.
+    """
+    if body is not None and body.error is not None:
+        return body.error  # the caller's side failed, not the upstream
+    if isinstance(exc, TimeoutError):
+        return ProxyError(
+            f"upstream {url.host} did not answer in time (upstream.connect_timeout / "
+            "upstream.read_timeout)",
+            status=504,
+            code=504001,
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return ProxyError(
+            f"TLS with upstream {url.host} failed ({type(exc).__name__}); if it uses a "
+            "private CA, set upstream.ca_file",
+            status=502,
+            code=502002,
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ProxyError(
+            f"cannot connect to upstream {url.host}:{url.port}: {exc.strerror}",
+            status=502,
+            code=502001,
+        )
+    return ProxyError(
+        f"upstream {url.host} connection failed ({type(exc).__name__})",
+        status=502,
+        code=502003,
+    )
+
+
+class Forwarder:
+    """Forwards every request to the one upstream with a bearer token (an aiohttp handler)."""
+
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        tokens: TokenCache,
+        upstream_url: str,
+        api_key: str | None = None,
+        max_body_size: int,
+        replay_memory_limit: int,
+        ssl: SSLContext | bool = True,
+    ):
+        self._session = session
+        self._tokens = tokens
+        self._base = upstream_url.rstrip("/")
+        self._api_key = api_key
+        self._max_body_size = max_body_size
+        self._memory_limit = replay_memory_limit
+        self._ssl = ssl
+
+    def __repr__(self) -> str:
+        return f"Forwarder(upstream_url={self._base!r})"
+
+    async def expect(self, request: web.Request) -> web.StreamResponse | None:
+        """Answer ``Expect: 100-continue`` here, refusing a body that is too large up front."""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error_response(417, 417001, "only 'Expect: 100-continue' is supported")
+        refusal = self._refuse(request)
+        if refusal is not None:
+            return refusal
+        if request.version >= aiohttp.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
+
+    def _refuse(self, request: web.Request) -> web.StreamResponse | None:
+        # Absolute-form, authority-form and '*' targets could name another host: only paths pass.
+        if request.method == "CONNECT":
+            return error_response(405, 405001, "CONNECT is not supported: this is no forward proxy")
+        if not request.raw_path.startswith("/"):
+            return error_response(
+                400, 400002, "the request target must be a path such as /v4/apikey/"
+            )
+        length = request.content_length
+        if length is not None and length > self._max_body_size:
+            return error_response(
+                413,
+                413001,
+                f"request body of {length} bytes is larger than limits.max_body_size "
+                f"({self._max_body_size} bytes)",
+            )
+        return None
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        """Handle one request from a caller."""
+        refusal = self._refuse(request)
+        if refusal is not None:
+            return refusal
+        started = time.monotonic()
+        body = None
+        if request.body_exists:
+            body = ReplayableBody(
+                request.content, memory_limit=self._memory_limit, max_size=self._max_body_size
+            )
+        try:
+            try:
+                resp, peeked, replayed = await self._exchange(request, body)
+            except ProxyError as exc:
+                log.warning("%s %s failed: %s", request.method, request.path, exc.message)
+                headers = None
+                if isinstance(exc, TokenError) and exc.retry_after:
+                    headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+                return exc.response(headers)
+            try:
+                out = await self._relay(request, resp, peeked)
+            finally:
+                resp.close()
+        finally:
+            if body is not None:
+                body.close()
+        log.info(
+            "%s %s -> %d%s in %.3f s",
+            request.method,
+            request.path,
+            out.status,
+            " (token refreshed, replayed)" if replayed else "",
+            time.monotonic() - started,
+        )
+        return out
+
+    async def _exchange(
+        self, request: web.Request, body: ReplayableBody | None
+    ) -> tuple[aiohttp.ClientResponse, bytes, bool]:
+        """Send the request; if the token is refused, refresh it and send it once more.
+
+        Returns the answer to relay, the part of its body already read, and whether it was
+        replayed.
+        """
+        headers = _filtered(request.headers, _NOT_FORWARDED)
+        if self._api_key is not None:
+            headers.popall("apikey", None)
+            headers["apikey"] = self._api_key
+        if body is not None and request.content_length is not None:
+            # Keep the caller's framing: some gateways refuse chunked uploads.
+            headers["Content-Length"] = str(request.content_length)
+        # Raw path and query byte for byte; joining URLs would let '//host/x' pick the host.
+        url = URL(self._base + request.raw_path, encoded=True)
+
+        token = await self._tokens.get()
+        resp = await self._send(request.method, url, headers, token, body)
+        if resp.status != 401:
+            return resp, b"", False
+        try:
+            peeked = await _peek(resp)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp.close()
+            raise _upstream_failure(exc, url, body) from None
+        if not token_refused(resp.status, resp.headers, peeked):
+            return resp, peeked, False
+        resp.close()
+        log.info(
+            "upstream refused the access token for %s %s; refreshing it and replaying",
+            request.method,
+            request.path,
+        )
+        self._tokens.invalidate(token)
+        token = await self._tokens.get()
+        return await self._send(request.method, url, headers, token, body), b"", True
+
+    async def _send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        token: Token,
+        body: ReplayableBody | None,
+    ) -> aiohttp.ClientResponse:
+        headers = headers.copy()
+        headers["Authorization"] = "Bearer " + token.access_token
+        try:
+            return await self._session.request(
+                method,
+                url,
+                headers=headers,
+                data=body.stream() if body is not None else None,
+                allow_redirects=False,
+                ssl=self._ssl,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _upstream_failure(exc, url, body) from None
+
+    async def _relay(
+        self, request: web.Request, resp: aiohttp.ClientResponse, peeked: bytes
+    ) -> web.StreamResponse:
+        """Stream the upstream answer to the caller; abort the connection if it breaks off."""
+        out = web.StreamResponse(
+            status=resp.status, reason=resp.reason, headers=_filtered(resp.headers, _NOT_RETURNED)
+        )
+        out.content_length = resp.content_length
+        await out.prepare(request)
+        try:
+            if peeked:
+                await out.write(peeked)
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning(
+                "%s %s: upstream answer broke off (%s); aborting the caller's connection",
+                request.method,
+                request.path,
+                type(exc).__name__,
+            )
+            # A truncated answer must not look complete: no final chunk, no keep-alive.
+            if request.transport is not None:
+                request.transport.abort()
+            return out
+        await out.write_eof()
+        return out

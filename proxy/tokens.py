@@ -1,0 +1,272 @@
+"""Bearer tokens: the client-credentials fetch and the cache that refreshes ahead, single-flight."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from ssl import SSLContext
+
+import aiohttp
+from cachetools import TLRUCache
+
+from .errors import TokenError
+
+__all__ = ["ClientCredentials", "Token", "TokenCache"]
+
+log = logging.getLogger("mdcloud_proxy.tokens")
+
+Clock = Callable[[], float]
+DEFAULT_LIFETIME = 3600.0
+
+
+@dataclass(frozen=True)
+class Token:
+    """An access token; ``expires_at`` is on the cache's monotonic clock, never wall-clock."""
+
+    access_token: str = field(repr=False)
+    expires_at: float
+    lifetime: float
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP-date; the backoff decides instead
+
+
+def _describe_refusal(body: bytes) -> str:
+    """The reason a token endpoint gave, from an RFC 6749 or MetaDefender error body."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    parts: list[str] = []
+    if isinstance(data.get("error"), str):
+        parts.append(data["error"])
+        if isinstance(data.get("error_description"), str):
+            parts.append(data["error_description"])
+    elif isinstance(data.get("error"), dict):
+        messages = data["error"].get("messages")
+        if isinstance(messages, list):
+            parts.extend(str(m) for m in messages)
+    return ": " + "; ".join(parts)[:200] if parts else ""
+
+
+@dataclass(frozen=True)
+class ClientCredentials:
+    """Fetches tokens with the OAuth 2.0 client-credentials grant, as MetaDefender documents it.
+
+    It has its own call path (never the forwarding path), so a token request can never be
+    retried by the replay logic and recurse.
+    """
+
+    session: aiohttp.ClientSession = field(repr=False)
+    token_url: str
+    client_id: str
+    client_secret: str = field(repr=False)
+    ssl: SSLContext | bool = field(default=True, repr=False)
+    clock: Clock = field(default=time.monotonic, repr=False)
+
+    async def fetch(self) -> Token:
+        """One token request; raises TokenError saying what went wrong."""
+        try:
+            async with self.session.post(
+                self.token_url,
+                data=b"grant_type=client_credentials",
+                auth=aiohttp.BasicAuth(self.client_id, self.client_secret),
+                headers={
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "Accept": "application/json",
+                    "Accept-Encoding": "identity",
+                },
+                allow_redirects=False,
+                ssl=self.ssl,
+            ) as resp:
+                body = await resp.content.read(1024 * 1024)
+                received = self.clock()
+                status, headers = resp.status, resp.headers
+        except TimeoutError:
+            raise TokenError(f"token endpoint {self.token_url} timed out") from None
+        except aiohttp.ClientError as exc:
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
+            raise TokenError(f"token endpoint {self.token_url} unreachable: {reason}") from None
+
+        if status == 429 or status >= 500:
+            raise TokenError(
+                f"token endpoint answered HTTP {status}{_describe_refusal(body)}",
+                retry_after=_retry_after(headers),
+            )
+        if status != 200:
+            reason = _describe_refusal(body)
+            if status == 401 or "invalid_client" in reason:
+                problem = "rejected the client credentials"
+                fix = "oauth.client_id and oauth.client_secret"
+            else:
+                problem, fix = "refused the token request", "oauth.token_url"
+            # Retrying cannot fix this, and MetaDefender blocks addresses that keep trying.
+            raise TokenError(
+                f"token endpoint {problem} (HTTP {status}{reason}); check {fix}",
+                status=502,
+                rejected=True,
+            )
+        return self._parse(body, received)
+
+    def _parse(self, body: bytes, received: float) -> Token:
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise TokenError("token endpoint answered with something that is not JSON", status=502)
+        access_token = data.get("access_token")
+        if not isinstance(access_token, str) or not access_token:
+            raise TokenError("token endpoint answer has no access_token", status=502)
+        expires_in = data.get("expires_in", DEFAULT_LIFETIME)
+        try:
+            lifetime = float(expires_in)
+        except (TypeError, ValueError):
+            lifetime = -1.0
+        if not lifetime > 0 or isinstance(expires_in, bool):
+            raise TokenError("token endpoint answer has an invalid expires_in", status=502)
+        return Token(access_token, received + lifetime, lifetime)
+
+
+class TokenCache:
+    """Serves a valid token to any number of concurrent callers.
+
+    A token is fresh, stale (inside the refresh margin) or gone. Fresh: served. Stale: served,
+    and one background refresh starts; its failure stays quiet until the token is gone. Gone:
+    every caller awaits the same single fetch. After a failure, further fetches wait for a
+    backoff (long when the credentials were rejected, since MetaDefender blocks an address
+    that keeps sending bad ones); meanwhile callers get the last error at once.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], Awaitable[Token]],
+        *,
+        identity: Hashable,
+        refresh_margin: float = 60.0,
+        clock: Clock = time.monotonic,
+        attempts: int = 3,
+        retry_delay: float = 0.5,
+        max_retry_wait: float = 5.0,
+    ):
+        self._fetch = fetch
+        self._key = identity
+        self._margin = refresh_margin
+        self._clock = clock
+        self._attempts = attempts
+        self._retry_delay = retry_delay
+        self._max_retry_wait = max_retry_wait
+        # The cache drops a token the moment it expires, so an expired one is never served.
+        self._cache: TLRUCache[Hashable, Token] = TLRUCache(
+            maxsize=4, ttu=lambda _key, token, _now: token.expires_at, timer=clock
+        )
+        self._inflight: asyncio.Task[Token] | None = None
+        self._failures = 0
+        self._error: TokenError | None = None
+        self._next_attempt = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"TokenCache(identity={self._key!r}, failures={self._failures})"
+
+    @property
+    def current(self) -> Token | None:
+        """The token that would be served now, if any (no fetch)."""
+        return self._cache.get(self._key)
+
+    async def get(self) -> Token:
+        """A token that is not known to be expired; raises TokenError if none can be had."""
+        token = self.current
+        now = self._clock()
+        if token is not None:
+            margin = min(self._margin, token.lifetime / 2)
+            if now >= token.expires_at - margin and now >= self._next_attempt:
+                self._start_fetch(background=True)
+            return token
+        task = self._inflight
+        if task is None:
+            if self._error is not None and now < self._next_attempt:
+                self._error.retry_after = self._next_attempt - now
+                raise self._error
+            task = self._start_fetch(background=False)
+        # shield: one caller giving up must not cancel the fetch everybody else awaits.
+        return await asyncio.shield(task)
+
+    def invalidate(self, token: Token) -> None:
+        """Forget ``token`` after the API refused it, unless a newer one already replaced it."""
+        if self.current is token:
+            del self._cache[self._key]
+
+    async def close(self) -> None:
+        """Cancel a fetch in flight."""
+        if self._inflight is not None:
+            self._inflight.cancel()
+            await asyncio.gather(self._inflight, return_exceptions=True)
+
+    def _start_fetch(self, *, background: bool) -> asyncio.Task[Token]:
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._refresh(background))
+            # Retrieve the outcome so a failed background refresh is not reported as unhandled.
+            self._inflight.add_done_callback(
+                lambda t: t.cancelled() or t.exception()  # type: ignore[func-returns-value]
+            )
+        return self._inflight
+
+    async def _refresh(self, background: bool) -> Token:
+        try:
+            token = await self._fetch_with_retries()
+        except TokenError as exc:
+            self._failures += 1
+            self._error = exc
+            self._next_attempt = self._clock() + self._backoff(exc)
+            current = self.current
+            if background and current is not None:
+                log.warning(
+                    "token refresh ahead of expiry failed: %s; the current token stays in use "
+                    "for %.0f s",
+                    exc.message,
+                    current.expires_at - self._clock(),
+                )
+            else:
+                log.error("could not obtain an access token: %s", exc.message)
+            raise
+        finally:
+            self._inflight = None
+        self._cache[self._key] = token
+        self._failures, self._error, self._next_attempt = 0, None, float("-inf")
+        log.info(
+            "access token %s, valid for %.0f s",
+            "refreshed ahead of expiry" if background else "fetched",
+            token.lifetime,
+        )
+        return token
+
+    async def _fetch_with_retries(self) -> Token:
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return await self._fetch()
+            except TokenError as exc:
+                wait = exc.retry_after
+                if wait is None:
+                    wait = self._retry_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+                if exc.rejected or attempt == self._attempts or wait > self._max_retry_wait:
+                    raise
+                log.info("token request failed (%s); retrying in %.1f s", exc.message, wait)
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, exc: TokenError) -> float:
+        base, cap = (30.0, 900.0) if exc.rejected else (1.0, 60.0)
+        delay = min(cap, base * 2 ** (self._failures - 1)) * random.uniform(0.75, 1.0)
+        return max(delay, exc.retry_after or 0.0)
