@@ -36,6 +36,7 @@ class ReplayableBody:
         self._size = 0
         self._eof = False
         self._attempt = 0
+        self._delivered = 0  # the latest attempt that yielded the whole body
         self._closed = False
         self._lock = asyncio.Lock()
         self.error: BodyError | None = None
@@ -44,6 +45,11 @@ class ReplayableBody:
     def size(self) -> int:
         """Bytes read from the caller so far."""
         return self._size
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the latest attempt yielded the whole body to its upstream request."""
+        return self._delivered == self._attempt
 
     def stream(self) -> AsyncIterator[bytes]:
         """A new attempt at sending the whole body, from its first byte."""
@@ -64,6 +70,7 @@ class ReplayableBody:
             if position < self._size:
                 chunk = self._captured(position)
             elif self._eof:
+                self._delivered = attempt
                 return
             else:
                 async with self._lock:
@@ -72,6 +79,7 @@ class ReplayableBody:
                         continue
                     chunk = await self._read_source()
                 if not chunk:
+                    self._delivered = attempt
                     return
             position += len(chunk)
             yield chunk

@@ -77,6 +77,15 @@ async def _peek(resp: aiohttp.ClientResponse) -> bytes:
     return bytes(data)
 
 
+def _hung_up_early(exc: BaseException, body: ReplayableBody | None) -> bool:
+    """Whether the upstream dropped the connection while the caller's body was still going up."""
+    dropped = isinstance(exc, aiohttp.ServerDisconnectedError) or (
+        isinstance(exc, aiohttp.ClientOSError)
+        and not isinstance(exc, aiohttp.ClientConnectorError)
+    )
+    return dropped and body is not None and body.error is None and not body.delivered
+
+
 def _upstream_failure(
     exc: BaseException, url: URL, body: ReplayableBody | None
 ) -> ProxyError:
@@ -224,25 +233,39 @@ class Forwarder:
         url = URL(self._base + request.raw_path, encoded=True)
 
         token = await self._tokens.get()
-        resp = await self._send(request.method, url, headers, token, body)
-        if resp.status != 401:
-            return resp, b"", False
+        resp = None
         try:
-            peeked = await _peek(resp)
+            resp = await self._send(request.method, url, headers, token, body)
+            peeked = await _peek(resp) if resp.status == 401 else b""
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if resp is not None:
+                resp.close()
+            if not _hung_up_early(exc, body):
+                raise _upstream_failure(exc, url, body) from None
+            # The upstream cannot have processed a request it did not read to the end. The
+            # usual reason to hang up on an upload is a refused token, whose 401 the reset
+            # can destroy before it is read: treat it as one.
+            log.info(
+                "upstream hung up on %s %s before reading the whole body; "
+                "replaying with a fresh token",
+                request.method,
+                request.path,
+            )
+        else:
+            if not token_refused(resp.status, resp.headers, peeked):
+                return resp, peeked, False
             resp.close()
-            raise _upstream_failure(exc, url, body) from None
-        if not token_refused(resp.status, resp.headers, peeked):
-            return resp, peeked, False
-        resp.close()
-        log.info(
-            "upstream refused the access token for %s %s; refreshing it and replaying",
-            request.method,
-            request.path,
-        )
+            log.info(
+                "upstream refused the access token for %s %s; refreshing it and replaying",
+                request.method,
+                request.path,
+            )
         self._tokens.invalidate(token)
         token = await self._tokens.get()
-        return await self._send(request.method, url, headers, token, body), b"", True
+        try:
+            return await self._send(request.method, url, headers, token, body), b"", True
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _upstream_failure(exc, url, body) from None
 
     async def _send(
         self,
@@ -254,17 +277,14 @@ class Forwarder:
     ) -> aiohttp.ClientResponse:
         headers = headers.copy()
         headers["Authorization"] = "Bearer " + token.access_token
-        try:
-            return await self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=body.stream() if body is not None else None,
-                allow_redirects=False,
-                ssl=self._ssl,
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _upstream_failure(exc, url, body) from None
+        return await self._session.request(
+            method,
+            url,
+            headers=headers,
+            data=body.stream() if body is not None else None,
+            allow_redirects=False,
+            ssl=self._ssl,
+        )
 
     async def _relay(
         self, request: web.Request, resp: aiohttp.ClientResponse, peeked: bytes

@@ -25,7 +25,6 @@ from aiohttp import web
 __all__ = ["SeenRequest", "Simulator"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_SEEN = "mdcloud_simulator.seen"
 
 
 @dataclass
@@ -41,6 +40,9 @@ class SeenRequest:
     def header(self, name: str) -> list[str]:
         """Every value of header ``name``, in order."""
         return [v for k, v in self.headers if k.lower() == name.lower()]
+
+
+_SEEN = web.RequestKey("seen", SeenRequest)
 
 
 def md_error(status: int, code: int, message: str) -> web.Response:
@@ -79,6 +81,7 @@ class Simulator:
     clock: Callable[[], float] = time.monotonic
     token_requests: int = 0
     requests: list[SeenRequest] = field(default_factory=list)
+    issued_tokens: list[str] = field(default_factory=list, repr=False)
     _tokens: dict[str, float] = field(default_factory=dict, repr=False)
     _uploads: dict[str, _Upload] = field(default_factory=dict, repr=False)
 
@@ -131,6 +134,7 @@ class Simulator:
         valid_for = self.token_lifetime if self.revoke_after is None else self.revoke_after
         self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
         self._tokens[token] = now + valid_for
+        self.issued_tokens.append(token)
         return web.json_response(
             {"access_token": token, "expires_in": int(self.token_lifetime), "token_type": "Bearer"}
         )
@@ -284,8 +288,8 @@ class Simulator:
         return self._authenticated(web.json_response(status), "reputation_api")
 
     async def _not_found(self, request: web.Request) -> web.Response:
+        await self._consume(request)
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
-        await self._consume(request)
         return self._authenticated(md_error(404, 404000, "Endpoint not found"), "reputation_api")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import random
@@ -76,14 +77,19 @@ class ClientCredentials:
     ssl: SSLContext | bool = field(default=True, repr=False)
     clock: Clock = field(default=time.monotonic, repr=False)
 
+    def _basic_auth(self) -> str:
+        # As MetaDefender documents it: base64(CLIENT_ID:CLIENT_SECRET), without form-encoding.
+        pair = f"{self.client_id}:{self.client_secret}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+
     async def fetch(self) -> Token:
         """One token request; raises TokenError saying what went wrong."""
         try:
             async with self.session.post(
                 self.token_url,
                 data=b"grant_type=client_credentials",
-                auth=aiohttp.BasicAuth(self.client_id, self.client_secret),
                 headers={
+                    "Authorization": self._basic_auth(),
                     "Content-Type": "application/x-www-form-urlencoded",
                     "Accept": "application/json",
                     "Accept-Encoding": "identity",

@@ -1,0 +1,172 @@
+"""Expired or invalid token: the proxy refreshes it and replays the request, invisibly."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import io
+import os
+import tempfile
+
+import pytest
+from yarl import URL
+
+from .conftest import chunks, random_payload
+
+MiB = 1024 * 1024
+
+
+async def warm_up(client, proxy) -> None:
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200
+
+
+def spill_files() -> set[str]:
+    # TemporaryFile is unlinked at once; look for open descriptors that point at one.
+    found = set()
+    for fd in glob.glob(f"/proc/{os.getpid()}/fd/*"):
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if os.path.basename(target).startswith("mdcloud-proxy-"):
+            found.add(target)
+    return found
+
+
+@pytest.mark.parametrize("early", [False, True], ids=["late-401", "early-401-and-close"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_upload_replayed_byte_identical(sim, make_proxy, client, early, framing):
+    sim.early_reject = early
+    proxy = await make_proxy()
+    await warm_up(client, proxy)
+    sim.expire_tokens()
+    data, digest = random_payload(20 * MiB)
+    tmp_before = set(os.listdir(tempfile.gettempdir()))
+    body = chunks(data)
+    headers = {"filename": "big.bin", "Content-Type": "application/octet-stream"}
+    if framing == "content-length":
+        headers["Content-Length"] = str(len(data))
+    async with client.post(proxy.url + "/v4/file", data=body, headers=headers) as resp:
+        answer = await resp.json()
+        assert resp.status == 200, answer
+    assert answer["sha256"] == digest.upper()
+    uploads = [r for r in sim.requests if r.raw_path == "/v4/file"]
+    assert len(uploads) == 2  # the refused attempt, then the replay
+    assert uploads[-1].body_sha256 == digest
+    assert uploads[-1].body_size == len(data)
+    if framing == "content-length":
+        assert uploads[-1].header("Content-Length") == [str(len(data))]
+        assert uploads[-1].header("Transfer-Encoding") == []
+    assert sim.token_requests == 2
+    assert spill_files() == set(), "the spill file must go when the request ends"
+    assert set(os.listdir(tempfile.gettempdir())) == tmp_before, "the spill file has no name"
+
+
+async def test_replay_uses_new_token_and_same_request(sim, proxy, client):
+    await warm_up(client, proxy)
+    first_token = sim.issued_tokens[-1]
+    sim.expire_tokens()
+    async with client.post(
+        URL(proxy.url + "/v4/hash?x=1&y=%2F", encoded=True), data=b'{"hash":["abc"]}', headers={"X-Trace": "t1"}
+    ) as resp:
+        assert resp.status == 404  # the simulator has no POST /v4/hash: the replayed answer
+        assert (await resp.json())["error"]["code"] == 404000
+    refused, replayed = sim.requests[-3], sim.requests[-1]
+    assert refused.raw_path == replayed.raw_path == "/v4/hash?x=1&y=%2F"
+    assert refused.header("Authorization") == [f"Bearer {first_token}"]
+    assert replayed.header("Authorization") == [f"Bearer {sim.issued_tokens[-1]}"]
+    assert sim.issued_tokens[-1] != first_token
+    assert replayed.header("X-Trace") == ["t1"]
+    assert replayed.body_sha256 == refused.body_sha256 is not None
+
+
+async def test_second_refusal_is_passed_through(sim, proxy, client):
+    await warm_up(client, proxy)
+    sim.revoke_after = 0  # every new token is refused at once as well
+    sim.expire_tokens()
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 401
+        assert (await resp.json()) == {
+            "error": {"code": 401009, "messages": ["OAuth token has expired"]}
+        }
+    assert [r.raw_path for r in sim.requests[-3:]] == [
+        "/v4/apikey/",
+        "/v4/oauth2/token",
+        "/v4/apikey/",
+    ]
+
+
+async def test_invalid_apikey_is_not_retried(sim, make_proxy, client):
+    sim.api_key = "the-real-key"
+    proxy = await make_proxy(api_key="a-wrong-key")
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"]["code"] == 401006
+    assert sim.token_requests == 1
+    assert [r.raw_path for r in sim.requests].count("/v4/apikey/") == 1
+
+
+async def test_invalid_token_code_401010_is_replayed(sim, proxy, client):
+    await warm_up(client, proxy)
+    sim._tokens.clear()  # the server forgot the token: 401010, not 401009
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200
+    assert sim.token_requests == 2
+
+
+async def test_www_authenticate_invalid_token_is_replayed(sim, upstream, make_proxy, client, start):
+    """A gateway in front of the API may say it only in the header, RFC 6750 style."""
+    from aiohttp import web
+
+    seen = []
+
+    async def gateway(request):
+        seen.append(request.headers["Authorization"])
+        if len(seen) == 1:
+            return web.Response(
+                status=401,
+                text="expired",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", gateway)
+    port = await start(app)
+    proxy = await make_proxy(
+        **{"upstream.url": f"http://127.0.0.1:{port}", "oauth.token_url": upstream + "/v4/oauth2/token"}
+    )
+    async with client.get(proxy.url + "/v4/x") as resp:
+        assert resp.status == 200
+    assert len(seen) == 2 and seen[0] != seen[1]
+
+
+async def test_concurrent_refusals_cause_one_fetch(sim, proxy, client):
+    await warm_up(client, proxy)
+    sim.expire_tokens()
+
+    async def call():
+        async with client.get(proxy.url + "/v4/apikey/") as resp:
+            return resp.status
+
+    statuses = await asyncio.gather(*(call() for _ in range(100)))
+    assert statuses == [200] * 100
+    assert sim.token_requests == 2
+
+
+async def test_body_over_limit_is_refused_before_upstream(sim, make_proxy, client):
+    proxy = await make_proxy(**{"limits.max_body_size": "1MiB"})
+    async with client.post(proxy.url + "/v4/file", data=io.BytesIO(b"x" * (MiB + 1))) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["code"] == 413001
+    assert not any(r.raw_path == "/v4/file" for r in sim.requests)
+
+
+async def test_chunked_body_over_limit_is_cut_off(sim, make_proxy, client):
+    proxy = await make_proxy(**{"limits.max_body_size": "1MiB"})
+    data, _ = random_payload(3 * MiB)
+    async with client.post(proxy.url + "/v4/file", data=chunks(data)) as resp:
+        assert resp.status == 413
+    assert not any(r.body_sha256 for r in sim.requests if r.raw_path == "/v4/file")
+    assert spill_files() == set()
