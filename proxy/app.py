@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +18,8 @@ __all__ = ["FORWARDER", "TOKENS", "create_app", "serve"]
 FORWARDER = web.AppKey("forwarder", Forwarder)
 TOKENS = web.AppKey("tokens", TokenCache)
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 # aiohttp defaults that would change what the caller sent or asked for.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
@@ -28,7 +30,14 @@ def _ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
 
 def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
     """The proxy as an aiohttp application; its client session lives as long as the app."""
-    app = web.Application()
+    # The guard is a middleware so that it also sees what the router cannot match: CONNECT's
+    # authority-form and '*' targets.
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = request.app[FORWARDER].refuse(request)
+        return refusal if refusal is not None else await handler(request)
+
+    app = web.Application(middlewares=[guard])
     tls = _ssl_context(config.ca_file)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

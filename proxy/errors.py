@@ -12,9 +12,13 @@ No message ever contains a secret: not the client secret, the api key, nor a tok
 
 from __future__ import annotations
 
+import os
+import ssl
+
+import aiohttp
 from aiohttp import web
 
-__all__ = ["BodyError", "ConfigError", "ProxyError", "TokenError", "error_response"]
+__all__ = ["BodyError", "ConfigError", "ProxyError", "TokenError", "describe", "error_response"]
 
 
 class ProxyError(Exception):
@@ -43,8 +47,8 @@ class ConfigError(ProxyError):
 class TokenError(ProxyError):
     """The token endpoint could not give a usable token.
 
-    ``rejected`` is true when the endpoint refused the client credentials: a configuration
-    problem that retrying cannot fix. ``retry_after`` (seconds) is set when the caller should wait.
+    ``permanent`` is true for a configuration problem that retrying cannot fix (rejected
+    credentials, a certificate that cannot be verified). ``retry_after`` (seconds) is set when the caller should wait.
     """
 
     status = 503
@@ -55,11 +59,11 @@ class TokenError(ProxyError):
         message: str,
         *,
         status: int = 503,
-        rejected: bool = False,
+        permanent: bool = False,
         retry_after: float | None = None,
     ):
         super().__init__(message, status=status, code=status * 1000 + 1)
-        self.rejected = rejected
+        self.permanent = permanent
         self.retry_after = retry_after
 
 
@@ -68,6 +72,24 @@ class BodyError(ProxyError):
 
     status = 400
     code = 400001
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for a network error, such as "Connection refused".
+
+    Built from the OS error number or the exception's type only: the text and repr of
+    aiohttp's errors can carry the request, and with it the headers and the bearer token.
+    """
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(exc.certificate_error, "verify_message", None) or "invalid certificate"
+        return f"certificate verify failed: {reason}; if it uses a private CA, set upstream.ca_file"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        cause = getattr(exc, "os_error", exc)
+        return f"TLS error: {getattr(cause, 'reason', None) or type(cause).__name__}"
+    errno = getattr(exc, "errno", None)
+    if isinstance(errno, int) and errno > 0:
+        return os.strerror(errno)
+    return type(exc).__name__
 
 
 def error_response(

@@ -13,7 +13,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .body import ReplayableBody
-from .errors import ProxyError, TokenError, error_response
+from .errors import ProxyError, TokenError, describe, error_response
 from .tokens import Token, TokenCache
 
 __all__ = ["HOP_BY_HOP", "Forwarder"]
@@ -89,11 +89,7 @@ def _hung_up_early(exc: BaseException, body: ReplayableBody | None) -> bool:
 def _upstream_failure(
     exc: BaseException, url: URL, body: ReplayableBody | None
 ) -> ProxyError:
-    """The error to show the caller for a failed upstream exchange.
-
-    Only the exception's type and OS reason are used: the repr of aiohttp's errors can
-    carry the request headers, and with them the bearer token.
-    """
+    """The error to show the caller for a failed upstream exchange."""
     if body is not None and body.error is not None:
         return body.error  # the caller's side failed, not the upstream
     if isinstance(exc, TimeoutError):
@@ -105,19 +101,16 @@ def _upstream_failure(
         )
     if isinstance(exc, aiohttp.ClientSSLError):
         return ProxyError(
-            f"TLS with upstream {url.host} failed ({type(exc).__name__}); if it uses a "
-            "private CA, set upstream.ca_file",
-            status=502,
-            code=502002,
+            f"TLS with upstream {url.host} failed: {describe(exc)}", status=502, code=502002
         )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return ProxyError(
-            f"cannot connect to upstream {url.host}:{url.port}: {exc.strerror}",
+            f"cannot connect to upstream {url.host}:{url.port}: {describe(exc)}",
             status=502,
             code=502001,
         )
     return ProxyError(
-        f"upstream {url.host} connection failed ({type(exc).__name__})",
+        f"upstream {url.host} connection failed ({describe(exc)})",
         status=502,
         code=502003,
     )
@@ -152,14 +145,15 @@ class Forwarder:
         """Answer ``Expect: 100-continue`` here, refusing a body that is too large up front."""
         if request.headers.get("Expect", "").lower() != "100-continue":
             return error_response(417, 417001, "only 'Expect: 100-continue' is supported")
-        refusal = self._refuse(request)
+        refusal = self.refuse(request)
         if refusal is not None:
             return refusal
         if request.version >= aiohttp.HttpVersion11:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
 
-    def _refuse(self, request: web.Request) -> web.StreamResponse | None:
+    def refuse(self, request: web.Request) -> web.StreamResponse | None:
+        """The answer to a request that must not be forwarded, or None for one that may be."""
         # Absolute-form, authority-form and '*' targets could name another host: only paths pass.
         if request.method == "CONNECT":
             return error_response(405, 405001, "CONNECT is not supported: this is no forward proxy")
@@ -178,10 +172,7 @@ class Forwarder:
         return None
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        """Handle one request from a caller."""
-        refusal = self._refuse(request)
-        if refusal is not None:
-            return refusal
+        """Handle one request from a caller (``refuse`` has let it through)."""
         started = time.monotonic()
         body = None
         if request.body_exists:
@@ -305,7 +296,7 @@ class Forwarder:
                 "%s %s: upstream answer broke off (%s); aborting the caller's connection",
                 request.method,
                 request.path,
-                type(exc).__name__,
+                describe(exc),
             )
             # A truncated answer must not look complete: no final chunk, no keep-alive.
             if request.transport is not None:

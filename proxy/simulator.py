@@ -67,8 +67,8 @@ class Simulator:
     ``token_lifetime`` is the ``expires_in`` it announces; ``revoke_after``, if set, is when it
     really stops accepting a token (a token revoked early, or clocks that disagree).
     ``early_reject`` makes ``POST /v4/file`` refuse a bad token at once, without reading the
-    upload, and drop the connection. ``token_failure`` = (status, body) makes the token
-    endpoint answer that instead of a token.
+    upload, and drop the connection. ``token_failure`` = (status, body[, headers]) makes the
+    token endpoint answer that instead of a token.
     """
 
     client_id: str = "demo-client"
@@ -77,7 +77,7 @@ class Simulator:
     token_lifetime: float = 3600.0
     revoke_after: float | None = None
     early_reject: bool = False
-    token_failure: tuple[int, bytes] | None = None
+    token_failure: tuple[int, bytes] | tuple[int, bytes, dict[str, str]] | None = None
     clock: Callable[[], float] = time.monotonic
     token_requests: int = 0
     requests: list[SeenRequest] = field(default_factory=list)
@@ -118,8 +118,13 @@ class Simulator:
     async def _token(self, request: web.Request) -> web.Response:
         self.token_requests += 1
         if self.token_failure is not None:
-            status, body = self.token_failure
-            return web.Response(status=status, body=body, content_type="application/json")
+            status, body, *headers = self.token_failure
+            return web.Response(
+                status=status,
+                body=body,
+                content_type="application/json",
+                headers=headers[0] if headers else None,
+            )
         if not self._client_authenticated(request.headers.get("Authorization", "")):
             return web.json_response(
                 {"error": "invalid_client", "error_description": "Client authentication failed"},

@@ -15,7 +15,7 @@ from ssl import SSLContext
 import aiohttp
 from cachetools import TLRUCache
 
-from .errors import TokenError
+from .errors import TokenError, describe
 
 __all__ = ["ClientCredentials", "Token", "TokenCache"]
 
@@ -102,9 +102,16 @@ class ClientCredentials:
                 status, headers = resp.status, resp.headers
         except TimeoutError:
             raise TokenError(f"token endpoint {self.token_url} timed out") from None
+        except aiohttp.ClientSSLError as exc:
+            raise TokenError(
+                f"TLS with token endpoint {self.token_url} failed: {describe(exc)}",
+                status=502,
+                permanent=True,
+            ) from None
         except aiohttp.ClientError as exc:
-            reason = getattr(exc, "strerror", None) or type(exc).__name__
-            raise TokenError(f"token endpoint {self.token_url} unreachable: {reason}") from None
+            raise TokenError(
+                f"token endpoint {self.token_url} unreachable: {describe(exc)}"
+            ) from None
 
         if status == 429 or status >= 500:
             raise TokenError(
@@ -122,7 +129,7 @@ class ClientCredentials:
             raise TokenError(
                 f"token endpoint {problem} (HTTP {status}{reason}); check {fix}",
                 status=502,
-                rejected=True,
+                permanent=True,
             )
         return self._parse(body, received)
 
@@ -235,7 +242,9 @@ class TokenCache:
         except TokenError as exc:
             self._failures += 1
             self._error = exc
-            self._next_attempt = self._clock() + self._backoff(exc)
+            backoff = self._backoff(exc)
+            self._next_attempt = self._clock() + backoff
+            exc.retry_after = backoff
             current = self.current
             if background and current is not None:
                 log.warning(
@@ -266,13 +275,13 @@ class TokenCache:
                 wait = exc.retry_after
                 if wait is None:
                     wait = self._retry_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
-                if exc.rejected or attempt == self._attempts or wait > self._max_retry_wait:
+                if exc.permanent or attempt == self._attempts or wait > self._max_retry_wait:
                     raise
                 log.info("token request failed (%s); retrying in %.1f s", exc.message, wait)
                 await asyncio.sleep(wait)
         raise AssertionError("unreachable")
 
     def _backoff(self, exc: TokenError) -> float:
-        base, cap = (30.0, 900.0) if exc.rejected else (1.0, 60.0)
+        base, cap = (30.0, 900.0) if exc.permanent else (1.0, 60.0)
         delay = min(cap, base * 2 ** (self._failures - 1)) * random.uniform(0.75, 1.0)
         return max(delay, exc.retry_after or 0.0)

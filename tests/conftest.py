@@ -162,3 +162,53 @@ async def chunks(data: bytes, size: int = 256 * 1024) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
         await asyncio.sleep(0)
+
+
+class RawUpstream:
+    """An upstream that answers every request with fixed bytes and keeps the raw requests.
+
+    For what an aiohttp server would tidy up: hop-by-hop response headers, broken framing.
+    """
+
+    def __init__(self, response: bytes, *, close: bool = True) -> None:
+        self.response = response
+        self.close = close
+        self.requests: list[bytes] = []
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.requests.append(head)
+            writer.write(self.response)
+            await writer.drain()
+            if not self.close:
+                await reader.read()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[tuple[RawUpstream, str]]]]:
+    servers: list[RawUpstream] = []
+
+    async def _make(response: bytes, **kwargs: Any) -> tuple[RawUpstream, str]:
+        server = RawUpstream(response, **kwargs)
+        servers.append(server)
+        port = await server.start()
+        return server, f"http://127.0.0.1:{port}"
+
+    yield _make
+    for server in servers:
+        await server.stop()

@@ -1,0 +1,320 @@
+"""Forwarding: exact paths, header rules both ways, opaque streamed bodies, upstream failures."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import ssl
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp import web
+
+from .conftest import CLIENT_ID, CLIENT_SECRET, chunks, random_payload, raw_exchange
+
+MiB = 1024 * 1024
+
+
+def raw_get(target: str, *headers: str, host: str = "127.0.0.1") -> bytes:
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}", *headers, "Connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v4/hash/a%2Fb",
+        "/v4/x/../y",
+        "/v4/./x",
+        "//evil.example/x",
+        "/v4/url/https%3A%2F%2Fexample.com%2F%3Fq%3D1",
+        "/v4/%7euser?a=%7e&b=+&c=%2F&d=%2f&e",
+        "/v4/a;b=c/@evil.example",
+    ],
+)
+async def test_path_and_query_arrive_byte_for_byte(sim, upstream, proxy, target):
+    resp = await raw_exchange(proxy.port, raw_get(target, host="evil.example"))
+    assert resp.status == 404  # from the simulator's catch-all, i.e. it reached the upstream
+    seen = sim.requests[-1]
+    assert seen.raw_path == target
+    assert seen.header("Host") == [upstream.removeprefix("http://")]
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status"),
+    [
+        ("GET http://evil.example/v4/apikey/ HTTP/1.1", 400),
+        ("CONNECT evil.example:443 HTTP/1.1", 405),
+        ("OPTIONS * HTTP/1.1", 400),
+    ],
+)
+async def test_other_hosts_cannot_be_reached(sim, proxy, request_line, status):
+    resp = await raw_exchange(
+        proxy.port, f"{request_line}\r\nHost: evil.example\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert resp.status == status
+    assert b'"code"' in resp.body
+    assert [r.raw_path for r in sim.requests] == []
+
+
+async def test_request_header_rules(sim, proxy):
+    resp = await raw_exchange(
+        proxy.port,
+        raw_get(
+            "/v4/x",
+            "Authorization: Bearer the-callers-own",
+            "Connection: X-Private, keep-alive",
+            "X-Private: must-not-pass",
+            "Keep-Alive: timeout=5",
+            "Proxy-Authorization: Basic abc",
+            "Proxy-Connection: keep-alive",
+            "TE: trailers",
+            "Upgrade: h2c",
+            "X-Repeat: 1",
+            "apikey: callers-key",
+            "X-Repeat: 2",
+        ),
+    )
+    assert resp.status == 404
+    seen = sim.requests[-1]
+    names = [k.lower() for k, _ in seen.headers]
+    for dropped in ("x-private", "keep-alive", "proxy-authorization", "proxy-connection", "te", "upgrade"):
+        assert dropped not in names
+    assert seen.header("Authorization") == [f"Bearer {sim.issued_tokens[0]}"]
+    assert seen.header("X-Repeat") == ["1", "2"]
+    assert seen.header("apikey") == ["callers-key"], "without api_key configured it passes"
+    for added in ("user-agent", "accept", "accept-encoding", "content-type"):
+        assert added not in names, f"the proxy must not invent {added}"
+
+
+async def test_configured_api_key_replaces_the_callers(sim, make_proxy, client):
+    sim.api_key = "real-key"
+    proxy = await make_proxy(api_key="real-key")
+    async with client.get(proxy.url + "/v4/apikey/", headers={"apikey": "dummy"}) as resp:
+        assert resp.status == 200
+    assert sim.requests[-1].header("apikey") == ["real-key"]
+
+
+async def test_body_is_opaque_bytes(sim, proxy, client):
+    body = b"a=1&b=%ZZ&c=\xff\x00"
+    async with client.post(
+        proxy.url + "/v4/hash",
+        data=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    ) as resp:
+        assert resp.status == 404
+    seen = sim.requests[-1]
+    assert seen.body_sha256 == hashlib.sha256(body).hexdigest()
+    assert seen.header("Content-Type") == ["application/x-www-form-urlencoded"]
+    assert seen.header("Content-Length") == [str(len(body))]
+
+
+async def test_expect_100_continue_is_answered_by_the_proxy(sim, proxy):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    body = b"0123456789"
+    writer.write(
+        b"POST /v4/file HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 10\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(body)
+    final = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert final.startswith(b"HTTP/1.1 200")
+    seen = sim.requests[-1]
+    assert seen.header("Expect") == []
+    assert seen.body_sha256 == hashlib.sha256(body).hexdigest()
+
+
+async def test_expect_with_too_large_body_gets_413_without_continue(sim, make_proxy):
+    proxy = await make_proxy(**{"limits.max_body_size": 100})
+    resp = await raw_exchange(
+        proxy.port,
+        b"POST /v4/file HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 101\r\nConnection: close\r\n\r\n",
+    )
+    assert resp.status == 413
+    assert not any(r.raw_path == "/v4/file" for r in sim.requests)
+
+
+async def test_response_header_rules(sim, upstream, make_proxy, raw_upstream):
+    gz = gzip.compress(b'{"compressed": true}')
+    server, url = await raw_upstream(
+        b"HTTP/1.1 200 OK\r\n"
+        b"Connection: close, X-Hop\r\n"
+        b"X-Hop: secret-hop\r\n"
+        b"Keep-Alive: timeout=5\r\n"
+        b"Proxy-Authenticate: Basic\r\n"
+        b"Set-Cookie: a=1; Path=/\r\n"
+        b"X-RateLimit-Remaining: 41\r\n"
+        b"Set-Cookie: b=2; Path=/\r\n"
+        b"X-RateLimit-Reset-In: 3294s\r\n"
+        b"Content-Encoding: gzip\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: " + str(len(gz)).encode() + b"\r\n\r\n" + gz
+    )
+    proxy = await make_proxy(
+        **{"upstream.url": url, "oauth.token_url": upstream + "/v4/oauth2/token"}
+    )
+    resp = await raw_exchange(proxy.port, raw_get("/v4/x"))
+    assert resp.status == 200
+    assert resp.body == gz, "the body is passed on compressed, as the upstream sent it"
+    names = [k.lower() for k, _ in resp.headers]
+    assert "x-hop" not in names and "keep-alive" not in names
+    assert "proxy-authenticate" not in names
+    assert resp.header("Set-Cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    assert resp.header("X-RateLimit-Remaining") == ["41"]
+    assert resp.header("X-RateLimit-Reset-In") == ["3294s"]
+    assert resp.header("Content-Encoding") == ["gzip"]
+    assert resp.header("Content-Length") == [str(len(gz))]
+    assert b"Accept-Encoding" not in server.requests[0]
+
+
+async def test_redirects_and_cookies_are_the_callers_business(upstream, make_proxy, start, client):
+    cookies_seen = []
+
+    async def handler(request):
+        cookies_seen.append(request.headers.get("Cookie"))
+        if request.path == "/v4/login":
+            resp = web.Response(status=302, headers={"Location": "/v4/elsewhere"})
+            resp.set_cookie("session", "caller-a")
+            return resp
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    port = await start(app)
+    proxy = await make_proxy(
+        **{"upstream.url": f"http://127.0.0.1:{port}", "oauth.token_url": upstream + "/v4/oauth2/token"}
+    )
+    async with client.get(proxy.url + "/v4/login", allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"] == "/v4/elsewhere"
+        assert "session=caller-a" in resp.headers["Set-Cookie"]
+    async with aiohttp.ClientSession() as other_caller:
+        async with other_caller.get(proxy.url + "/v4/other") as resp:
+            assert resp.status == 200
+    assert cookies_seen == [None, None], "no redirect followed, no cookie kept by the proxy"
+
+
+async def test_large_download_streams_intact(upstream, make_proxy, start, client):
+    data, digest = random_payload(20 * MiB)
+
+    async def download(request):
+        resp = web.StreamResponse()
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        async for chunk in chunks(data):
+            await resp.write(chunk)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v4/file/converted/{id}", download)
+    port = await start(app)
+    proxy = await make_proxy(
+        **{"upstream.url": f"http://127.0.0.1:{port}", "oauth.token_url": upstream + "/v4/oauth2/token"}
+    )
+    sha = hashlib.sha256()
+    async with client.get(proxy.url + "/v4/file/converted/abc") as resp:
+        assert resp.status == 200
+        assert resp.content_length == len(data)
+        async for chunk in resp.content.iter_any():
+            sha.update(chunk)
+    assert sha.hexdigest() == digest
+
+
+async def test_head_keeps_content_length_without_body(sim, proxy):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"HEAD /v4/apikey/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"\r\nContent-Length: 146" in head, "the length of the body a GET would get"
+    assert body == b""
+    assert sim.requests[-1].method == "HEAD"
+
+
+async def test_upstream_down_is_a_502(upstream, make_proxy, client, unused_tcp_port):
+    proxy = await make_proxy(
+        **{
+            "upstream.url": f"http://127.0.0.1:{unused_tcp_port}",
+            "oauth.token_url": upstream + "/v4/oauth2/token",
+        }
+    )
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    assert body["error"]["code"] == 502001
+    assert body["error"]["messages"] == [
+        f"mdcloud-proxy: cannot connect to upstream 127.0.0.1:{unused_tcp_port}: Connection refused"
+    ]
+
+
+async def test_upstream_stall_is_a_504(upstream, make_proxy, client, raw_upstream):
+    _, url = await raw_upstream(b"", close=False)
+    proxy = await make_proxy(
+        **{
+            "upstream.url": url,
+            "oauth.token_url": upstream + "/v4/oauth2/token",
+            "upstream.read_timeout": 0.3,
+        }
+    )
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"]["code"] == 504001
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_truncated_answer_is_never_a_complete_200(upstream, make_proxy, client, raw_upstream, response):
+    _, url = await raw_upstream(response)
+    proxy = await make_proxy(
+        **{"upstream.url": url, "oauth.token_url": upstream + "/v4/oauth2/token"}
+    )
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with client.get(proxy.url + "/v4/file/converted/x") as resp:
+            assert resp.status == 200
+            await resp.read()
+
+
+@pytest.fixture(scope="module")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_https_upstream_with_private_ca(tls_ca, clock, start, client, tmp_path):
+    from proxy import Simulator, create_app, load_config
+
+    sim = Simulator(CLIENT_ID, CLIENT_SECRET, clock=clock)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    port = await start(sim.app(), ssl_context=server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(ca_file))
+    settings = {
+        "upstream.url": f"https://127.0.0.1:{port}",
+        "oauth.client_id": CLIENT_ID,
+        "oauth.client_secret": CLIENT_SECRET,
+    }
+
+    trusted = await start(create_app(load_config(environ={}, overrides={**settings, "upstream.ca_file": str(ca_file)}), clock=clock))
+    async with client.get(f"http://127.0.0.1:{trusted}/v4/apikey/") as resp:
+        assert resp.status == 200
+    assert sim.token_requests == 1
+
+    untrusted = await start(create_app(load_config(environ={}, overrides=settings), clock=clock))
+    async with client.get(f"http://127.0.0.1:{untrusted}/v4/apikey/") as resp:
+        assert resp.status == 502
+        message = (await resp.json())["error"]["messages"][0]
+    assert "set oauth" not in message and "upstream.ca_file" in message
