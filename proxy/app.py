@@ -30,6 +30,7 @@ def _ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
 
 def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
     """The proxy as an aiohttp application; its client session lives as long as the app."""
+
     # The guard is a middleware so that it also sees what the router cannot match: CONNECT's
     # authority-form and '*' targets.
     @web.middleware

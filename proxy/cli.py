@@ -168,9 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(_run_proxy(config))
     except OSError as exc:
-        print(f"mdcloud-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror}",
-              file=sys.stderr)
+        print(
+            f"mdcloud-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
         return 1
     return 0
-
-

@@ -48,11 +48,12 @@ class TokenError(ProxyError):
     """The token endpoint could not give a usable token.
 
     ``permanent`` is true for a configuration problem that retrying cannot fix (rejected
-    credentials, a certificate that cannot be verified). ``retry_after`` (seconds) is set when the caller should wait.
+    credentials, a certificate that cannot be verified). ``retry_after`` (seconds) is set when
+    the caller should wait.
     """
 
     status = 503
-    code = 503001
+    code = 503010
 
     def __init__(
         self,
@@ -62,7 +63,7 @@ class TokenError(ProxyError):
         permanent: bool = False,
         retry_after: float | None = None,
     ):
-        super().__init__(message, status=status, code=status * 1000 + 1)
+        super().__init__(message, status=status, code=status * 1000 + 10)
         self.permanent = permanent
         self.retry_after = retry_after
 

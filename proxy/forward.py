@@ -44,7 +44,9 @@ _PEEK_LIMIT = 64 * 1024
 def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
     """A copy of ``headers`` in order, without ``drop`` and whatever Connection names."""
     named = {
-        name.strip().lower() for value in headers.getall("Connection", ()) for name in value.split(",")
+        name.strip().lower()
+        for value in headers.getall("Connection", ())
+        for name in value.split(",")
     }
     return CIMultiDict(
         (name, value)
@@ -80,15 +82,12 @@ async def _peek(resp: aiohttp.ClientResponse) -> bytes:
 def _hung_up_early(exc: BaseException, body: ReplayableBody | None) -> bool:
     """Whether the upstream dropped the connection while the caller's body was still going up."""
     dropped = isinstance(exc, aiohttp.ServerDisconnectedError) or (
-        isinstance(exc, aiohttp.ClientOSError)
-        and not isinstance(exc, aiohttp.ClientConnectorError)
+        isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
     )
     return dropped and body is not None and body.error is None and not body.delivered
 
 
-def _upstream_failure(
-    exc: BaseException, url: URL, body: ReplayableBody | None
-) -> ProxyError:
+def _upstream_failure(exc: BaseException, url: URL, body: ReplayableBody | None) -> ProxyError:
     """The error to show the caller for a failed upstream exchange."""
     if body is not None and body.error is not None:
         return body.error  # the caller's side failed, not the upstream

@@ -1,4 +1,4 @@
-"""A local MetaDefender Cloud and OAuth tenant: for the tests, the demo and offline integration work.
+"""A local MetaDefender Cloud and OAuth tenant, for the tests, the demo and offline integration.
 
 It answers like the real service where that matters to a client: the client-credentials token
 endpoint with HTTP Basic authentication, bearer tokens that expire (401009) or are unknown
@@ -149,12 +149,14 @@ class Simulator:
         if scheme.lower() != "basic":
             return False
         try:
-            client_id, _, client_secret = base64.b64decode(encoded, validate=True).decode().partition(":")
+            client_id, _, client_secret = (
+                base64.b64decode(encoded, validate=True).decode().partition(":")
+            )
         except (binascii.Error, UnicodeDecodeError):
             return False
-        return hmac.compare_digest(client_id.encode(), self.client_id.encode()) and hmac.compare_digest(
-            client_secret.encode(), self.client_secret.encode()
-        )
+        return hmac.compare_digest(
+            client_id.encode(), self.client_id.encode()
+        ) and hmac.compare_digest(client_secret.encode(), self.client_secret.encode())
 
     def _refusal(self, request: web.Request) -> web.Response | None:
         """The 401 a real API would give, or None when the caller is authenticated."""
@@ -267,7 +269,9 @@ class Simulator:
         wanted = request.match_info["hash"].lower()
         for upload in self._uploads.values():
             if wanted in (upload.md5, upload.sha1, upload.sha256):
-                return self._authenticated(web.json_response(self._report(upload)), "reputation_api")
+                return self._authenticated(
+                    web.json_response(self._report(upload)), "reputation_api"
+                )
         response = md_error(404, 404003, f"The hash was not found: {wanted}")
         return self._authenticated(response, "reputation_api")
 

@@ -231,9 +231,7 @@ class TokenCache:
         if self._inflight is None:
             self._inflight = asyncio.create_task(self._refresh(background))
             # Retrieve the outcome so a failed background refresh is not reported as unhandled.
-            self._inflight.add_done_callback(
-                lambda t: t.cancelled() or t.exception()  # type: ignore[func-returns-value]
-            )
+            self._inflight.add_done_callback(lambda t: t.cancelled() or t.exception())
         return self._inflight
 
     async def _refresh(self, background: bool) -> Token:
@@ -283,5 +281,5 @@ class TokenCache:
 
     def _backoff(self, exc: TokenError) -> float:
         base, cap = (30.0, 900.0) if exc.permanent else (1.0, 60.0)
-        delay = min(cap, base * 2 ** (self._failures - 1)) * random.uniform(0.75, 1.0)
+        delay = min(cap, base * 2.0 ** (self._failures - 1)) * random.uniform(0.75, 1.0)
         return max(delay, exc.retry_after or 0.0)

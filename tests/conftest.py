@@ -119,19 +119,20 @@ class RawResponse:
         return [v for k, v in self.headers if k.lower() == name.lower()]
 
 
-async def raw_exchange(port: int, request: bytes, *, timeout: float = 10) -> RawResponse:
+async def raw_exchange(port: int, request: bytes) -> RawResponse:
     """Send exact bytes to 127.0.0.1:port and parse one HTTP/1.1 response (Content-Length,
     chunked, or until close)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
         await writer.drain()
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(10):
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             status = int(lines[0].split()[1])
             headers = [
-                (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                (k.strip(), v.strip())
+                for k, _, v in (line.partition(":") for line in lines[1:] if line)
             ]
             names = {k.lower(): v for k, v in headers}
             if "content-length" in names:

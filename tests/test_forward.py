@@ -80,7 +80,14 @@ async def test_request_header_rules(sim, proxy):
     assert resp.status == 404
     seen = sim.requests[-1]
     names = [k.lower() for k, _ in seen.headers]
-    for dropped in ("x-private", "keep-alive", "proxy-authorization", "proxy-connection", "te", "upgrade"):
+    for dropped in (
+        "x-private",
+        "keep-alive",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ):
         assert dropped not in names
     assert seen.header("Authorization") == [f"Bearer {sim.issued_tokens[0]}"]
     assert seen.header("X-Repeat") == ["1", "2"]
@@ -189,15 +196,17 @@ async def test_redirects_and_cookies_are_the_callers_business(upstream, make_pro
     app.router.add_route("*", "/{tail:.*}", handler)
     port = await start(app)
     proxy = await make_proxy(
-        **{"upstream.url": f"http://127.0.0.1:{port}", "oauth.token_url": upstream + "/v4/oauth2/token"}
+        **{
+            "upstream.url": f"http://127.0.0.1:{port}",
+            "oauth.token_url": upstream + "/v4/oauth2/token",
+        }
     )
     async with client.get(proxy.url + "/v4/login", allow_redirects=False) as resp:
         assert resp.status == 302
         assert resp.headers["Location"] == "/v4/elsewhere"
         assert "session=caller-a" in resp.headers["Set-Cookie"]
-    async with aiohttp.ClientSession() as other_caller:
-        async with other_caller.get(proxy.url + "/v4/other") as resp:
-            assert resp.status == 200
+    async with aiohttp.ClientSession() as other, other.get(proxy.url + "/v4/other") as resp:
+        assert resp.status == 200
     assert cookies_seen == [None, None], "no redirect followed, no cookie kept by the proxy"
 
 
@@ -216,7 +225,10 @@ async def test_large_download_streams_intact(upstream, make_proxy, start, client
     app.router.add_get("/v4/file/converted/{id}", download)
     port = await start(app)
     proxy = await make_proxy(
-        **{"upstream.url": f"http://127.0.0.1:{port}", "oauth.token_url": upstream + "/v4/oauth2/token"}
+        **{
+            "upstream.url": f"http://127.0.0.1:{port}",
+            "oauth.token_url": upstream + "/v4/oauth2/token",
+        }
     )
     sha = hashlib.sha256()
     async with client.get(proxy.url + "/v4/file/converted/abc") as resp:
@@ -277,7 +289,9 @@ async def test_upstream_stall_is_a_504(upstream, make_proxy, client, raw_upstrea
     ],
     ids=["content-length", "chunked"],
 )
-async def test_truncated_answer_is_never_a_complete_200(upstream, make_proxy, client, raw_upstream, response):
+async def test_truncated_answer_is_never_a_complete_200(
+    upstream, make_proxy, client, raw_upstream, response
+):
     _, url = await raw_upstream(response)
     proxy = await make_proxy(
         **{"upstream.url": url, "oauth.token_url": upstream + "/v4/oauth2/token"}
@@ -308,7 +322,12 @@ async def test_https_upstream_with_private_ca(tls_ca, clock, start, client, tmp_
         "oauth.client_secret": CLIENT_SECRET,
     }
 
-    trusted = await start(create_app(load_config(environ={}, overrides={**settings, "upstream.ca_file": str(ca_file)}), clock=clock))
+    trusted = await start(
+        create_app(
+            load_config(environ={}, overrides={**settings, "upstream.ca_file": str(ca_file)}),
+            clock=clock,
+        )
+    )
     async with client.get(f"http://127.0.0.1:{trusted}/v4/apikey/") as resp:
         assert resp.status == 200
     assert sim.token_requests == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import glob
 import io
 import os
 import tempfile
@@ -21,15 +20,19 @@ async def warm_up(client, proxy) -> None:
         assert resp.status == 200
 
 
-def spill_files() -> set[str]:
-    # TemporaryFile is unlinked at once; look for open descriptors that point at one.
+def open_deleted_files() -> set[str]:
+    """Open descriptors of this process that point at deleted files in the temp directory.
+
+    TemporaryFile has no name on disk (O_TMPFILE, or unlinked at once), so this is how a
+    spill file shows. Compare with a baseline: pytest's output capture uses such files too.
+    """
     found = set()
-    for fd in glob.glob(f"/proc/{os.getpid()}/fd/*"):
+    for fd in os.listdir("/proc/self/fd"):
         try:
-            target = os.readlink(fd)
+            target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if os.path.basename(target).startswith("mdcloud-proxy-"):
+        if target.startswith(tempfile.gettempdir()) and target.endswith("(deleted)"):
             found.add(target)
     return found
 
@@ -43,6 +46,7 @@ async def test_upload_replayed_byte_identical(sim, make_proxy, client, early, fr
     sim.expire_tokens()
     data, digest = random_payload(20 * MiB)
     tmp_before = set(os.listdir(tempfile.gettempdir()))
+    baseline = open_deleted_files()
     body = chunks(data)
     headers = {"filename": "big.bin", "Content-Type": "application/octet-stream"}
     if framing == "content-length":
@@ -59,7 +63,7 @@ async def test_upload_replayed_byte_identical(sim, make_proxy, client, early, fr
         assert uploads[-1].header("Content-Length") == [str(len(data))]
         assert uploads[-1].header("Transfer-Encoding") == []
     assert sim.token_requests == 2
-    assert spill_files() == set(), "the spill file must go when the request ends"
+    assert open_deleted_files() == baseline, "the spill file must go when the request ends"
     assert set(os.listdir(tempfile.gettempdir())) == tmp_before, "the spill file has no name"
 
 
@@ -68,7 +72,9 @@ async def test_replay_uses_new_token_and_same_request(sim, proxy, client):
     first_token = sim.issued_tokens[-1]
     sim.expire_tokens()
     async with client.post(
-        URL(proxy.url + "/v4/hash?x=1&y=%2F", encoded=True), data=b'{"hash":["abc"]}', headers={"X-Trace": "t1"}
+        URL(proxy.url + "/v4/hash?x=1&y=%2F", encoded=True),
+        data=b'{"hash":["abc"]}',
+        headers={"X-Trace": "t1"},
     ) as resp:
         assert resp.status == 404  # the simulator has no POST /v4/hash: the replayed answer
         assert (await resp.json())["error"]["code"] == 404000
@@ -135,7 +141,10 @@ async def test_www_authenticate_invalid_token_is_replayed(sim, upstream, make_pr
     app.router.add_route("*", "/{tail:.*}", gateway)
     port = await start(app)
     proxy = await make_proxy(
-        **{"upstream.url": f"http://127.0.0.1:{port}", "oauth.token_url": upstream + "/v4/oauth2/token"}
+        **{
+            "upstream.url": f"http://127.0.0.1:{port}",
+            "oauth.token_url": upstream + "/v4/oauth2/token",
+        }
     )
     async with client.get(proxy.url + "/v4/x") as resp:
         assert resp.status == 200
@@ -164,9 +173,38 @@ async def test_body_over_limit_is_refused_before_upstream(sim, make_proxy, clien
 
 
 async def test_chunked_body_over_limit_is_cut_off(sim, make_proxy, client):
-    proxy = await make_proxy(**{"limits.max_body_size": "1MiB"})
+    proxy = await make_proxy(**{"limits.max_body_size": "2MiB"})
     data, _ = random_payload(3 * MiB)
+    baseline = open_deleted_files()
     async with client.post(proxy.url + "/v4/file", data=chunks(data)) as resp:
         assert resp.status == 413
     assert not any(r.body_sha256 for r in sim.requests if r.raw_path == "/v4/file")
-    assert spill_files() == set()
+    assert open_deleted_files() == baseline
+
+
+async def test_caller_hanging_up_mid_upload_cancels_upstream_and_cleans_up(sim, proxy, client):
+    await warm_up(client, proxy)
+    baseline = open_deleted_files()
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(
+            f"POST /v4/file HTTP/1.1\r\nHost: x\r\nContent-Length: {10 * MiB}\r\n\r\n".encode()
+        )
+        writer.write(os.urandom(3 * MiB))
+        await writer.drain()
+        for _ in range(250):  # until the proxy has spilled the part past 1 MiB to its file
+            if open_deleted_files() - baseline:
+                break
+            await asyncio.sleep(0.02)
+        assert open_deleted_files() - baseline, "the upload was under way"
+        assert any(r.raw_path == "/v4/file" for r in sim.requests), "and streaming upstream"
+    finally:
+        writer.close()
+    for _ in range(100):
+        if open_deleted_files() == baseline:
+            break
+        await asyncio.sleep(0.02)
+    assert open_deleted_files() == baseline
+    assert not any(r.body_sha256 for r in sim.requests if r.raw_path == "/v4/file")
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200, "the proxy serves on"

@@ -125,17 +125,23 @@ async def test_missing_expires_in_means_an_hour(sim, clock, proxy, client, upstr
         ),
         ((200, b"<html>captive portal</html>"), 502, "not JSON"),
         ((200, b'{"token_type":"Bearer"}'), 502, "no access_token"),
-        ((503, b'{"error":{"code":503000,"messages":["maintenance"]}}'), 503, "HTTP 503: maintenance"),
+        (
+            (503, b'{"error":{"code":503000,"messages":["maintenance"]}}'),
+            503,
+            "HTTP 503: maintenance",
+        ),
     ],
     ids=["rejected", "garbage", "no-token", "unavailable"],
 )
-async def test_token_endpoint_failure_is_a_clear_error(sim, make_proxy, client, failure, status, phrase):
+async def test_token_endpoint_failure_is_a_clear_error(
+    sim, make_proxy, client, failure, status, phrase
+):
     sim.token_failure = failure
     proxy = await make_proxy()
     async with client.get(proxy.url + "/v4/apikey/") as resp:
         assert resp.status == status
         body = await resp.json()
-    assert body["error"]["code"] == status * 1000 + 1
+    assert body["error"]["code"] == status * 1000 + 10
     (message,) = body["error"]["messages"]
     assert message.startswith("mdcloud-proxy: ")
     assert phrase in message
@@ -173,7 +179,11 @@ async def test_transient_failure_is_retried_then_recovers(sim, clock, make_proxy
 
 
 async def test_retry_after_is_honoured(sim, clock, make_proxy, client):
-    sim.token_failure = (429, b'{"error":{"code":429001,"messages":["too many"]}}', {"Retry-After": "30"})
+    sim.token_failure = (
+        429,
+        b'{"error":{"code":429001,"messages":["too many"]}}',
+        {"Retry-After": "30"},
+    )
     proxy = await make_proxy()
     async with client.get(proxy.url + "/v4/apikey/") as resp:
         assert resp.status == 503

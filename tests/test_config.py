@@ -1,0 +1,175 @@
+"""Configuration: file, then environment, then flags; every mistake named by its key."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy import Config, ConfigError, load_config
+from proxy.config import parse_size
+
+from .conftest import CLIENT_SECRET
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {"MDCLOUD_CLIENT_ID": "id", "MDCLOUD_CLIENT_SECRET": CLIENT_SECRET}
+
+
+def test_environment_alone_is_enough():
+    config = load_config(environ=ENV)
+    assert config == Config(client_id="id", client_secret=CLIENT_SECRET)
+    assert config.host == "127.0.0.1" and config.port == 8080
+    assert config.token_url == "https://api.metadefender.com/v4/oauth2/token"
+    assert config.max_body_size == 256 * 1024 * 1024
+    assert config.replay_memory_limit == 1024 * 1024
+    assert config.refresh_margin == 60 and config.connect_timeout == 10
+    assert config.read_timeout == 300 and config.api_key is None
+
+
+def test_example_file_documents_the_defaults():
+    """config.example.yaml, with the credentials filled in, gives exactly the defaults."""
+    config = load_config(str(ROOT / "config.example.yaml"), environ=ENV)
+    assert config == load_config(environ=ENV)
+
+
+def test_file_then_environment_then_flags(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "listen:\n  port: 9001\n  host: 0.0.0.0\n"
+        "upstream:\n  url: http://127.0.0.1:9000/\n  read_timeout: 30\n"
+        "oauth:\n  client_id: from-file\n  client_secret: file-secret\n"
+        "limits:\n  max_body_size: 512MiB\n"
+        "replay:\n  memory_limit: 64KiB\n"
+        "api_key: file-key\n"
+    )
+    env = {"MDCLOUD_CLIENT_ID": "from-env", "MDCLOUD_PROXY_LISTEN_PORT": "9002"}
+    config = load_config(
+        str(path), environ=env, overrides={"listen.port": 9003, "listen.host": None}
+    )
+    assert config.client_id == "from-env"
+    assert config.client_secret == "file-secret"
+    assert config.port == 9003
+    assert config.host == "0.0.0.0"
+    assert config.upstream_url == "http://127.0.0.1:9000"
+    assert config.token_url == "http://127.0.0.1:9000/v4/oauth2/token"
+    assert config.read_timeout == 30
+    assert config.max_body_size == 512 * 1024 * 1024
+    assert config.replay_memory_limit == 64 * 1024
+    assert config.api_key == "file-key"
+
+
+def test_config_path_from_environment(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("listen:\n  port: 1234\n")
+    config = load_config(environ={**ENV, "MDCLOUD_PROXY_CONFIG": str(path)})
+    assert config.port == 1234
+
+
+def test_secret_file_trailing_newline_is_stripped(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text(CLIENT_SECRET + "\n")
+    config = load_config(
+        environ={"MDCLOUD_CLIENT_ID": "id", "MDCLOUD_CLIENT_SECRET_FILE": str(secret)}
+    )
+    assert config.client_secret == CLIENT_SECRET
+
+
+def test_secrets_stay_out_of_repr():
+    config = load_config(environ={**ENV, "MDCLOUD_API_KEY": "the-api-key-value"})
+    assert CLIENT_SECRET not in repr(config)
+    assert "the-api-key-value" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "env", "expected"),
+    [
+        ("listen:\n  prot: 80\n", ENV, "listen.prot: unknown key"),
+        (
+            "oauth:\n  client_id: x\n",
+            {},
+            "oauth.client_secret: missing (set it in the config file or MDCLOUD_CLIENT_SECRET)",
+        ),
+        ("", {"MDCLOUD_CLIENT_SECRET": CLIENT_SECRET}, "oauth.client_id: missing"),
+        ("listen:\n  port: eighty\n", ENV, "listen.port: 'eighty' is not a port number"),
+        ("listen:\n  port: 70000\n", ENV, "listen.port: 70000 is not a port number"),
+        (
+            "upstream:\n  url: ftp://x\n",
+            ENV,
+            "upstream.url: 'ftp://x' is not an http:// or https:// URL",
+        ),
+        (
+            "upstream:\n  read_timeout: -1\n",
+            ENV,
+            "upstream.read_timeout: -1 is not a non-negative number",
+        ),
+        (
+            "upstream:\n  connect_timeout: 0\n",
+            ENV,
+            "upstream.connect_timeout: must be greater than 0",
+        ),
+        (
+            "upstream:\n  ca_file: /nonexistent/ca.pem\n",
+            ENV,
+            "upstream.ca_file: cannot read /nonexistent/ca.pem",
+        ),
+        ("limits:\n  max_body_size: lots\n", ENV, "limits.max_body_size: 'lots' is not a size"),
+        (
+            "oauth:\n  client_secret_file: /nonexistent/secret\n",
+            {"MDCLOUD_CLIENT_ID": "x"},
+            "oauth.client_secret_file: cannot read /nonexistent/secret: No such file or directory",
+        ),
+        (
+            "oauth:\n  client_secret_file: /etc/hostname\n",
+            ENV,
+            "oauth.client_secret_file: set either oauth.client_secret or oauth.client_secret_file",
+        ),
+        ("[1, 2]\n", ENV, "the top level must be a mapping"),
+        ("listen: [\n", ENV, "not valid YAML at line"),
+    ],
+)
+def test_errors_name_the_key_and_the_problem(tmp_path, yaml_text, env, expected):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ=env)
+    assert expected in str(info.value)
+    assert CLIENT_SECRET not in str(info.value)
+
+
+def test_bad_secret_type_does_not_quote_it(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("oauth:\n  client_id: x\n  client_secret: ''\n")
+    with pytest.raises(ConfigError, match=r"^oauth.client_secret: expected a non-empty string$"):
+        load_config(str(path), environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [(1024, 1024), ("512MiB", 512 * 2**20), ("1GB", 10**9), ("64k", 65536), ("2 GiB", 2 * 2**30)],
+)
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+def test_command_exits_before_listening_with_one_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "oauth:\n  client_id: x\n  client_secret: " + CLIENT_SECRET + "\nlisten:\n  port: -5\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MDCLOUD")}
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "mdcloud-proxy: configuration error: listen.port: -5 is not a port number (0-65535)\n"
+    )
