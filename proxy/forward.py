@@ -285,21 +285,24 @@ class Forwarder:
         )
         out.content_length = resp.content_length
         await out.prepare(request)
-        try:
-            if peeked:
-                await out.write(peeked)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning(
-                "%s %s: upstream answer broke off (%s); aborting the caller's connection",
-                request.method,
-                request.path,
-                describe(exc),
-            )
-            # A truncated answer must not look complete: no final chunk, no keep-alive.
-            if request.transport is not None:
-                request.transport.abort()
-            return out
+        if peeked:
+            await out.write(peeked)
+        while True:
+            try:
+                chunk = await resp.content.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning(
+                    "%s %s: upstream answer broke off (%s); aborting the caller's connection",
+                    request.method,
+                    request.path,
+                    describe(exc),
+                )
+                # A truncated answer must not look complete: no final chunk, no keep-alive.
+                if request.transport is not None:
+                    request.transport.abort()
+                return out
+            if not chunk:
+                break
+            await out.write(chunk)  # a caller who hung up raises here, and that ends it
         await out.write_eof()
         return out

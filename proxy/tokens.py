@@ -266,18 +266,19 @@ class TokenCache:
         return token
 
     async def _fetch_with_retries(self) -> Token:
-        for attempt in range(1, self._attempts + 1):
+        attempt = 1
+        while True:
             try:
                 return await self._fetch()
             except TokenError as exc:
                 wait = exc.retry_after
                 if wait is None:
                     wait = self._retry_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
-                if exc.permanent or attempt == self._attempts or wait > self._max_retry_wait:
+                if exc.permanent or attempt >= self._attempts or wait > self._max_retry_wait:
                     raise
                 log.info("token request failed (%s); retrying in %.1f s", exc.message, wait)
-                await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
+            await asyncio.sleep(wait)
+            attempt += 1
 
     def _backoff(self, exc: TokenError) -> float:
         base, cap = (30.0, 900.0) if exc.permanent else (1.0, 60.0)

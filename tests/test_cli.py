@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,3 +93,14 @@ async def test_env_only_against_standalone_simulator(client):
             assert await stop(proxy) == 0
     finally:
         assert await stop(sim) == 0
+
+
+async def test_console_script_is_installed():
+    """`pip install .` puts `mdcloud-proxy` on PATH (CI installs the package before testing)."""
+    script = shutil.which("mdcloud-proxy")
+    if script is None:
+        pytest.skip("the package is not installed in this environment")
+    proc = await asyncio.create_subprocess_exec(script, "--version", stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    assert out.decode().startswith("mdcloud-proxy ")
