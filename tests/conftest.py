@@ -99,6 +99,31 @@ async def make_proxy(
 
 
 @pytest.fixture
+def proxy_before(
+    make_proxy: Callable[..., Awaitable[Proxy]], upstream: str
+) -> Callable[..., Awaitable[Proxy]]:
+    """A proxy in front of a test's own upstream; tokens still come from the simulator."""
+
+    async def _make(url: str, **overrides: Any) -> Proxy:
+        token_url = upstream + "/v4/oauth2/token"
+        return await make_proxy(**{"upstream.url": url, "oauth.token_url": token_url, **overrides})
+
+    return _make
+
+
+@pytest.fixture
+def handler_upstream(start: Callable[..., Awaitable[int]]) -> Callable[..., Awaitable[str]]:
+    """Start a test's own upstream, one aiohttp handler for every path; returns its URL."""
+
+    async def _make(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        return f"http://127.0.0.1:{await start(app)}"
+
+    return _make
+
+
+@pytest.fixture
 async def proxy(make_proxy: Callable[..., Awaitable[Proxy]]) -> Proxy:
     return await make_proxy()
 

@@ -148,7 +148,7 @@ async def test_expect_with_too_large_body_gets_413_without_continue(sim, make_pr
     assert not any(r.raw_path == "/v4/file" for r in sim.requests)
 
 
-async def test_response_header_rules(sim, upstream, make_proxy, raw_upstream):
+async def test_response_header_rules(proxy_before, raw_upstream):
     gz = gzip.compress(b'{"compressed": true}')
     server, url = await raw_upstream(
         b"HTTP/1.1 200 OK\r\n"
@@ -164,9 +164,7 @@ async def test_response_header_rules(sim, upstream, make_proxy, raw_upstream):
         b"Content-Type: application/json\r\n"
         b"Content-Length: " + str(len(gz)).encode() + b"\r\n\r\n" + gz
     )
-    proxy = await make_proxy(
-        **{"upstream.url": url, "oauth.token_url": upstream + "/v4/oauth2/token"}
-    )
+    proxy = await proxy_before(url)
     resp = await raw_exchange(proxy.port, raw_get("/v4/x"))
     assert resp.status == 200
     assert resp.body == gz, "the body is passed on compressed, as the upstream sent it"
@@ -181,7 +179,9 @@ async def test_response_header_rules(sim, upstream, make_proxy, raw_upstream):
     assert b"Accept-Encoding" not in server.requests[0]
 
 
-async def test_redirects_and_cookies_are_the_callers_business(upstream, make_proxy, start, client):
+async def test_redirects_and_cookies_are_the_callers_business(
+    handler_upstream, proxy_before, client
+):
     cookies_seen = []
 
     async def handler(request):
@@ -192,15 +192,7 @@ async def test_redirects_and_cookies_are_the_callers_business(upstream, make_pro
             return resp
         return web.Response(text="ok")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    port = await start(app)
-    proxy = await make_proxy(
-        **{
-            "upstream.url": f"http://127.0.0.1:{port}",
-            "oauth.token_url": upstream + "/v4/oauth2/token",
-        }
-    )
+    proxy = await proxy_before(await handler_upstream(handler))
     async with client.get(proxy.url + "/v4/login", allow_redirects=False) as resp:
         assert resp.status == 302
         assert resp.headers["Location"] == "/v4/elsewhere"
@@ -210,7 +202,7 @@ async def test_redirects_and_cookies_are_the_callers_business(upstream, make_pro
     assert cookies_seen == [None, None], "no redirect followed, no cookie kept by the proxy"
 
 
-async def test_large_download_streams_intact(upstream, make_proxy, start, client):
+async def test_large_download_streams_intact(handler_upstream, proxy_before, client):
     data, digest = random_payload(20 * MiB)
 
     async def download(request):
@@ -221,15 +213,7 @@ async def test_large_download_streams_intact(upstream, make_proxy, start, client
             await resp.write(chunk)
         return resp
 
-    app = web.Application()
-    app.router.add_get("/v4/file/converted/{id}", download)
-    port = await start(app)
-    proxy = await make_proxy(
-        **{
-            "upstream.url": f"http://127.0.0.1:{port}",
-            "oauth.token_url": upstream + "/v4/oauth2/token",
-        }
-    )
+    proxy = await proxy_before(await handler_upstream(download))
     sha = hashlib.sha256()
     async with client.get(proxy.url + "/v4/file/converted/abc") as resp:
         assert resp.status == 200
@@ -251,13 +235,8 @@ async def test_head_keeps_content_length_without_body(sim, proxy):
     assert sim.requests[-1].method == "HEAD"
 
 
-async def test_upstream_down_is_a_502(upstream, make_proxy, client, unused_tcp_port):
-    proxy = await make_proxy(
-        **{
-            "upstream.url": f"http://127.0.0.1:{unused_tcp_port}",
-            "oauth.token_url": upstream + "/v4/oauth2/token",
-        }
-    )
+async def test_upstream_down_is_a_502(proxy_before, client, unused_tcp_port):
+    proxy = await proxy_before(f"http://127.0.0.1:{unused_tcp_port}")
     async with client.get(proxy.url + "/v4/apikey/") as resp:
         assert resp.status == 502
         body = await resp.json()
@@ -267,15 +246,9 @@ async def test_upstream_down_is_a_502(upstream, make_proxy, client, unused_tcp_p
     ]
 
 
-async def test_upstream_stall_is_a_504(upstream, make_proxy, client, raw_upstream):
+async def test_upstream_stall_is_a_504(proxy_before, client, raw_upstream):
     _, url = await raw_upstream(b"", close=False)
-    proxy = await make_proxy(
-        **{
-            "upstream.url": url,
-            "oauth.token_url": upstream + "/v4/oauth2/token",
-            "upstream.read_timeout": 0.3,
-        }
-    )
+    proxy = await proxy_before(url, **{"upstream.read_timeout": 0.3})
     async with client.get(proxy.url + "/v4/apikey/") as resp:
         assert resp.status == 504
         assert (await resp.json())["error"]["code"] == 504001
@@ -290,12 +263,10 @@ async def test_upstream_stall_is_a_504(upstream, make_proxy, client, raw_upstrea
     ids=["content-length", "chunked"],
 )
 async def test_truncated_answer_is_never_a_complete_200(
-    upstream, make_proxy, client, raw_upstream, response
+    proxy_before, client, raw_upstream, response
 ):
     _, url = await raw_upstream(response)
-    proxy = await make_proxy(
-        **{"upstream.url": url, "oauth.token_url": upstream + "/v4/oauth2/token"}
-    )
+    proxy = await proxy_before(url)
     with pytest.raises(aiohttp.ClientPayloadError):
         async with client.get(proxy.url + "/v4/file/converted/x") as resp:
             assert resp.status == 200

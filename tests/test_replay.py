@@ -121,7 +121,7 @@ async def test_invalid_token_code_401010_is_replayed(sim, proxy, client):
     assert sim.token_requests == 2
 
 
-async def test_www_authenticate_invalid_token_is_replayed(sim, upstream, make_proxy, client, start):
+async def test_www_authenticate_invalid_token_is_replayed(handler_upstream, proxy_before, client):
     """A gateway in front of the API may say it only in the header, RFC 6750 style."""
     from aiohttp import web
 
@@ -137,15 +137,7 @@ async def test_www_authenticate_invalid_token_is_replayed(sim, upstream, make_pr
             )
         return web.json_response({"ok": True})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", gateway)
-    port = await start(app)
-    proxy = await make_proxy(
-        **{
-            "upstream.url": f"http://127.0.0.1:{port}",
-            "oauth.token_url": upstream + "/v4/oauth2/token",
-        }
-    )
+    proxy = await proxy_before(await handler_upstream(gateway))
     async with client.get(proxy.url + "/v4/x") as resp:
         assert resp.status == 200
     assert len(seen) == 2 and seen[0] != seen[1]

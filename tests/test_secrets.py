@@ -23,7 +23,7 @@ def assert_clean(text: str, sim) -> None:
 
 
 async def test_secrets_never_logged_nor_answered(
-    sim, make_proxy, client, caplog, raw_upstream, upstream
+    sim, make_proxy, proxy_before, client, caplog, raw_upstream
 ):
     caplog.set_level(logging.DEBUG)
     sim.api_key = API_KEY
@@ -53,10 +53,7 @@ async def test_secrets_never_logged_nor_answered(
     sim.token_failure = None
     # upstream failures: refused connection, truncated answer
     _, broken = await raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12")
-    broken_proxy = await make_proxy(
-        api_key=API_KEY,
-        **{"upstream.url": broken, "oauth.token_url": upstream + "/v4/oauth2/token"},
-    )
+    broken_proxy = await proxy_before(broken, api_key=API_KEY)
     with pytest.raises(Exception):  # noqa: B017 - the caller sees a broken answer, any kind
         await call("GET", broken_proxy.url + "/v4/x")
 
