@@ -99,6 +99,9 @@ async def serve(
         access_log=None,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
-    await site.start()
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+    except BaseException:
+        await runner.cleanup()  # closes the client session the app opened on start-up
+        raise
     return runner

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from . import __version__
 from .app import create_app, serve
 from .config import Config, load_config
-from .errors import ConfigError
+from .errors import ConfigError, describe
 from .simulator import Simulator
 
 __all__ = ["main"]
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_run_proxy(config))
     except OSError as exc:
         print(
-            f"mdcloud-proxy: cannot listen on {config.host}:{config.port}: {exc.strerror}",
+            f"mdcloud-proxy: cannot listen on {config.host}:{config.port}: {describe(exc)}",
             file=sys.stderr,
         )
         return 1

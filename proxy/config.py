@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,12 +113,13 @@ def _http_url(value: object) -> str:
     return text.rstrip("/")
 
 
-def _readable_file(value: object) -> str:
+def _ca_bundle(value: object) -> str:
     path = _text(value)
     try:
-        Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+        ssl.create_default_context(cafile=path)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        reason = exc.strerror if not isinstance(exc, ssl.SSLError) else "not a PEM CA bundle"
+        raise ValueError(f"cannot use {path}: {reason}") from None
     return path
 
 
@@ -137,7 +139,7 @@ KEYS: dict[str, _Key] = {
     "listen.host": _Key(_text, _env("listen.host"), "host"),
     "listen.port": _Key(_port, _env("listen.port"), "port"),
     "upstream.url": _Key(_http_url, _env("upstream.url"), "upstream_url"),
-    "upstream.ca_file": _Key(_readable_file, _env("upstream.ca_file"), "ca_file"),
+    "upstream.ca_file": _Key(_ca_bundle, _env("upstream.ca_file"), "ca_file"),
     "upstream.connect_timeout": _Key(_positive_seconds, _env("upstream.connect_timeout"),
                                      "connect_timeout"),
     "upstream.read_timeout": _Key(_positive_seconds, _env("upstream.read_timeout"),

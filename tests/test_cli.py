@@ -104,3 +104,21 @@ async def test_console_script_is_installed():
     out, _ = await proc.communicate()
     assert proc.returncode == 0
     assert out.decode().startswith("mdcloud-proxy ")
+
+
+async def test_port_in_use_is_a_clear_error():
+    holder = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = holder.sockets[0].getsockname()[1]
+    try:
+        proc = await spawn(
+            "--port", str(port), env={"MDCLOUD_CLIENT_ID": "x", "MDCLOUD_CLIENT_SECRET": "y"}
+        )
+        async with asyncio.timeout(15):
+            out, _ = await proc.communicate()
+    finally:
+        holder.close()
+    assert proc.returncode == 1
+    assert (
+        out.decode()
+        == f"mdcloud-proxy: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )

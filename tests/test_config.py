@@ -113,7 +113,12 @@ def test_secrets_stay_out_of_repr():
         (
             "upstream:\n  ca_file: /nonexistent/ca.pem\n",
             ENV,
-            "upstream.ca_file: cannot read /nonexistent/ca.pem",
+            "upstream.ca_file: cannot use /nonexistent/ca.pem: No such file or directory",
+        ),
+        (
+            "upstream:\n  ca_file: /etc/hostname\n",
+            ENV,
+            "upstream.ca_file: cannot use /etc/hostname: not a PEM CA bundle",
         ),
         ("limits:\n  max_body_size: lots\n", ENV, "limits.max_body_size: 'lots' is not a size"),
         (
