@@ -190,7 +190,8 @@ class Forwarder:
             try:
                 out = await self._relay(request, resp, peeked)
             finally:
-                resp.close()
+                # Back to the pool when the answer was read to the end, closed otherwise.
+                resp.release()
         finally:
             if body is not None:
                 body.close()

@@ -36,6 +36,7 @@ class SeenRequest:
     headers: list[tuple[str, str]]
     body_sha256: str | None = None
     body_size: int = 0
+    peer: Any = None  # the client's (host, port): which connection it came on
 
     def header(self, name: str) -> list[str]:
         """Every value of header ``name``, in order."""
@@ -108,6 +109,7 @@ class Simulator:
             request.method,
             request.raw_path,
             [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers],
+            peer=request.transport.get_extra_info("peername") if request.transport else None,
         )
         self.requests.append(seen)
         request[_SEEN] = seen

@@ -308,3 +308,13 @@ async def test_https_upstream_with_private_ca(tls_ca, clock, start, client, tmp_
         assert resp.status == 502
         message = (await resp.json())["error"]["messages"][0]
     assert "set oauth" not in message and "upstream.ca_file" in message
+
+
+async def test_upstream_connections_are_reused(sim, proxy, client):
+    for _ in range(5):
+        async with client.get(proxy.url + "/v4/apikey/") as resp:
+            assert resp.status == 200
+        async with client.get(proxy.url + "/v4/hash/00") as resp:
+            assert resp.status == 404
+    peers = {r.peer for r in sim.requests if r.raw_path != "/v4/oauth2/token"}
+    assert len(peers) == 1, "one kept-alive connection, not one per request (a TLS handshake each)"
