@@ -178,7 +178,8 @@ class Simulator:
             return md_error(401, 401009, "OAuth token has expired")
         return None
 
-    def _rate_headers(self, response: web.StreamResponse, kind: str) -> None:
+    def _counted(self, response: web.Response, kind: str) -> web.Response:
+        """``response`` with the rate-limit headers MetaDefender puts on answers it counts."""
         used = len(self.requests)
         response.headers.update(
             {
@@ -190,9 +191,6 @@ class Simulator:
                 "X-RateLimit-Reset-In": "3294s",
             }
         )
-
-    def _authenticated(self, response: web.Response, kind: str) -> web.Response:
-        self._rate_headers(response, kind)
         return response
 
     # -- API ------------------------------------------------------------------------------------
@@ -223,7 +221,7 @@ class Simulator:
             "sha1": upload.sha1.upper(),
             "sha256": upload.sha256.upper(),
         }
-        return self._authenticated(web.json_response(answer), "prevention_api")
+        return self._counted(web.json_response(answer), "prevention_api")
 
     async def _consume(self, request: web.Request) -> tuple[str, str, str, int]:
         """Read the body as it streams in; record its size and digest on the SeenRequest."""
@@ -262,7 +260,7 @@ class Simulator:
         upload = self._uploads.get(request.match_info["data_id"])
         if upload is None:
             return md_error(404, 404008, "The data_id was not found")
-        return self._authenticated(web.json_response(self._report(upload)), "prevention_api")
+        return self._counted(web.json_response(self._report(upload)), "prevention_api")
 
     async def _hash_report(self, request: web.Request) -> web.Response:
         refusal = self._refusal(request)
@@ -271,11 +269,9 @@ class Simulator:
         wanted = request.match_info["hash"].lower()
         for upload in self._uploads.values():
             if wanted in (upload.md5, upload.sha1, upload.sha256):
-                return self._authenticated(
-                    web.json_response(self._report(upload)), "reputation_api"
-                )
+                return self._counted(web.json_response(self._report(upload)), "reputation_api")
         response = md_error(404, 404003, f"The hash was not found: {wanted}")
-        return self._authenticated(response, "reputation_api")
+        return self._counted(response, "reputation_api")
 
     async def _apikey_info(self, request: web.Request) -> web.Response:
         refusal = self._refusal(request)
@@ -289,18 +285,18 @@ class Simulator:
             "max_upload_file_size": 140,
             "qos_scan": "normal",
         }
-        return self._authenticated(web.json_response(info), "reputation_api")
+        return self._counted(web.json_response(info), "reputation_api")
 
     async def _limits(self, request: web.Request) -> web.Response:
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
         status = {"prevention_api": 4000, "reputation_api": 4000 - len(self.requests)}
-        return self._authenticated(web.json_response(status), "reputation_api")
+        return self._counted(web.json_response(status), "reputation_api")
 
     async def _not_found(self, request: web.Request) -> web.Response:
         await self._consume(request)
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
-        return self._authenticated(md_error(404, 404000, "Endpoint not found"), "reputation_api")
+        return self._counted(md_error(404, 404000, "Endpoint not found"), "reputation_api")
