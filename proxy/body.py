@@ -42,11 +42,6 @@ class ReplayableBody:
         self.error: BodyError | None = None
 
     @property
-    def size(self) -> int:
-        """Bytes read from the caller so far."""
-        return self._size
-
-    @property
     def delivered(self) -> bool:
         """Whether the latest attempt yielded the whole body to its upstream request."""
         return self._delivered == self._attempt
