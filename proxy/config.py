@@ -106,10 +106,14 @@ def _positive_seconds(value: object) -> float:
 def _http_url(value: object) -> str:
     text = _text(value)
     url = URL(text)
+    # Quote the URL without its user:password part: that may be a secret.
+    shown = repr(str(url.with_user(None)) if url.user or url.password else text)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{text!r} is not an http:// or https:// URL with a host")
-    if url.query_string or url.fragment or url.user or url.password:
-        raise ValueError(f"{text!r} must not carry a query, fragment or credentials")
+        raise ValueError(f"{shown} is not an http:// or https:// URL with a host")
+    if url.user or url.password:
+        raise ValueError(f"{shown} must not carry user:password; credentials go in oauth.*")
+    if url.query_string or url.fragment:
+        raise ValueError(f"{shown} must not carry a query or fragment")
     return text.rstrip("/")
 
 

@@ -144,6 +144,14 @@ def test_errors_name_the_key_and_the_problem(tmp_path, yaml_text, env, expected)
     assert CLIENT_SECRET not in str(info.value)
 
 
+@pytest.mark.parametrize("url", ["https://me:hunter2-pass@api.example", "ftp://me:hunter2-pass@x"])
+def test_url_errors_do_not_quote_credentials(url):
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={**ENV, "MDCLOUD_PROXY_UPSTREAM_URL": url})
+    assert str(info.value).startswith("upstream.url: ")
+    assert "hunter2-pass" not in str(info.value)
+
+
 def test_bad_secret_type_does_not_quote_it(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("oauth:\n  client_id: x\n  client_secret: ''\n")
