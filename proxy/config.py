@@ -38,6 +38,11 @@ class Config:
     refresh_margin: float = 60.0
     max_body_size: int = 256 * MiB
     replay_memory_limit: int = 1 * MiB
+    shutdown_timeout: float = 30.0
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
+    log_level: str = "INFO"
+    log_format: str = "text"
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -83,6 +88,17 @@ def _port(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError(f"{value!r} is not a port number (0-65535)")
     return value
+
+
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _text(value)
+        for choice in allowed:
+            if text.lower() == choice.lower():
+                return choice
+        raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+
+    return parse
 
 
 def _seconds(value: object) -> float:
@@ -154,9 +170,18 @@ KEYS: dict[str, _Key] = {
     "oauth.client_secret_file": _Key(_text, "MDCLOUD_CLIENT_SECRET_FILE", ""),
     "oauth.refresh_margin": _Key(_seconds, _env("oauth.refresh_margin"), "refresh_margin"),
     "api_key": _Key(_secret, "MDCLOUD_API_KEY", "api_key"),
+    "api_key_file": _Key(_text, "MDCLOUD_API_KEY_FILE", ""),
     "limits.max_body_size": _Key(parse_size, _env("limits.max_body_size"), "max_body_size"),
     "replay.memory_limit": _Key(parse_size, _env("replay.memory_limit"), "replay_memory_limit"),
+    "shutdown_timeout": _Key(_seconds, _env("shutdown_timeout"), "shutdown_timeout"),
+    "admin.host": _Key(_text, _env("admin.host"), "admin_host"),
+    "admin.port": _Key(_port, _env("admin.port"), "admin_port"),
+    "log.level": _Key(_choice("DEBUG", "INFO", "WARNING", "ERROR"), _env("log.level"),
+                      "log_level"),
+    "log.format": _Key(_choice("text", "json"), _env("log.format"), "log_format"),
 }  # fmt: skip
+# Secrets that may come from a file instead (Docker and Kubernetes secrets are files).
+_SECRET_FILES = {"oauth.client_secret_file": "oauth.client_secret", "api_key_file": "api_key"}
 CONFIG_ENV = "MDCLOUD_PROXY_CONFIG"
 
 
@@ -193,16 +218,16 @@ def _read_yaml(path: str) -> dict[str, object]:
     return flat
 
 
-def _read_secret_file(path: str) -> str:
+def _read_secret_file(key: str, path: str) -> str:
     try:
         secret = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"oauth.client_secret_file: cannot read {path}: {reason}") from None
+        raise ConfigError(f"{key}: cannot read {path}: {reason}") from None
     # Files written by editors and `echo` end in a newline that is not part of the secret.
     secret = secret.removesuffix("\n").removesuffix("\r")
     if not secret:
-        raise ConfigError(f"oauth.client_secret_file: {path} is empty")
+        raise ConfigError(f"{key}: {path} is empty")
     return secret
 
 
@@ -237,14 +262,13 @@ def load_config(
         except ValueError as exc:
             raise ConfigError(f"{key}: {exc}") from None
 
-    secret_file = values.pop("oauth.client_secret_file", None)
-    if secret_file is not None:
-        if "oauth.client_secret" in values:
-            raise ConfigError(
-                "oauth.client_secret_file: set either oauth.client_secret or "
-                "oauth.client_secret_file, not both"
-            )
-        values["oauth.client_secret"] = _read_secret_file(secret_file)
+    for file_key, key in _SECRET_FILES.items():
+        path = values.pop(file_key, None)
+        if path is None:
+            continue
+        if key in values:
+            raise ConfigError(f"{file_key}: set either {key} or {file_key}, not both")
+        values[key] = _read_secret_file(file_key, path)
     for key in ("oauth.client_id", "oauth.client_secret"):
         if key not in values:
             raise ConfigError(f"{key}: missing (set it in the config file or {KEYS[key].env})")

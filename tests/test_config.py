@@ -131,6 +131,15 @@ def test_secrets_stay_out_of_repr():
             ENV,
             "oauth.client_secret_file: set either oauth.client_secret or oauth.client_secret_file",
         ),
+        ("log:\n  format: xml\n", ENV, "log.format: 'xml' is not one of text, json"),
+        ("log:\n  level: loud\n", ENV, "log.level: 'loud' is not one of DEBUG, INFO"),
+        ("admin:\n  port: 70000\n", ENV, "admin.port: 70000 is not a port number"),
+        ("shutdown_timeout: soon\n", ENV, "shutdown_timeout: 'soon' is not a number of seconds"),
+        (
+            "api_key: k\napi_key_file: /etc/hostname\n",
+            ENV,
+            "api_key_file: set either api_key or api_key_file, not both",
+        ),
         ("[1, 2]\n", ENV, "the top level must be a mapping"),
         ("listen: [\n", ENV, "not valid YAML at line"),
     ],
@@ -150,6 +159,31 @@ def test_url_errors_do_not_quote_credentials(url):
         load_config(environ={**ENV, "MDCLOUD_PROXY_UPSTREAM_URL": url})
     assert str(info.value).startswith("upstream.url: ")
     assert "hunter2-pass" not in str(info.value)
+
+
+def test_operations_keys(tmp_path):
+    key_file = tmp_path / "apikey"
+    key_file.write_text("the-api-key\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "admin:\n  host: 0.0.0.0\n  port: 9901\nshutdown_timeout: 5s\n"
+        f"log:\n  level: warning\n  format: JSON\napi_key_file: {key_file}\n"
+    )
+    config = load_config(str(path), environ=ENV)
+    assert (config.admin_host, config.admin_port) == ("0.0.0.0", 9901)
+    assert config.shutdown_timeout == 5
+    assert (config.log_level, config.log_format) == ("WARNING", "json")
+    assert config.api_key == "the-api-key"
+    assert "the-api-key" not in repr(config)
+    defaults = load_config(environ=ENV)
+    assert (defaults.admin_port, defaults.shutdown_timeout, defaults.log_format) == (
+        None,
+        30,
+        "text",
+    )
+    env = {**ENV, "MDCLOUD_API_KEY_FILE": str(key_file), "MDCLOUD_PROXY_ADMIN_PORT": "9902"}
+    from_env = load_config(environ=env)
+    assert (from_env.api_key, from_env.admin_port) == ("the-api-key", 9902)
 
 
 def test_bad_secret_type_does_not_quote_it(tmp_path):
