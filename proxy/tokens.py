@@ -189,6 +189,7 @@ class TokenCache:
         self._failures = 0
         self._error: TokenError | None = None
         self._next_attempt = float("-inf")
+        self.failing_since: float | None = None  # wall-clock time of the first failure in a row
 
     def __repr__(self) -> str:
         return f"TokenCache(identity={self._key!r}, failures={self._failures})"
@@ -198,13 +199,46 @@ class TokenCache:
         """The token that would be served now, if any (no fetch)."""
         return self._cache.get(self._key)
 
+    @property
+    def error(self) -> TokenError | None:
+        """Why the latest fetch failed; None once a fetch succeeds."""
+        return self._error
+
+    @property
+    def fetching(self) -> bool:
+        """Whether a token request is in flight."""
+        return self._inflight is not None
+
+    def _refresh_at(self, token: Token) -> float:
+        return token.expires_at - min(self._margin, token.lifetime / 2)
+
+    async def keep_fresh(self, *, min_wait: float = 1.0) -> None:
+        """Hold a valid token at all times, refreshing it ahead of expiry; runs until cancelled.
+
+        The proxy starts listening at once and this fetches the first token in the background,
+        so an idle proxy stays ready and the next request does not wait for the token endpoint.
+        Failures follow the same backoff as fetches made for requests.
+        """
+        while True:
+            token, now = self.current, self._clock()
+            due = self._next_attempt if self._error is not None else float("-inf")
+            if token is not None:
+                due = max(due, self._refresh_at(token))
+            if now >= due and self._inflight is None:
+                task = self._start_fetch(background=token is not None)
+                await asyncio.gather(asyncio.shield(task), return_exceptions=True)
+                continue
+            if self._inflight is not None:
+                await asyncio.gather(asyncio.shield(self._inflight), return_exceptions=True)
+                continue
+            await asyncio.sleep(max(min_wait, due - now))
+
     async def get(self) -> Token:
         """A token that is not known to be expired; raises TokenError if none can be had."""
         token = self.current
         now = self._clock()
         if token is not None:
-            margin = min(self._margin, token.lifetime / 2)
-            if now >= token.expires_at - margin and now >= self._next_attempt:
+            if now >= self._refresh_at(token) and now >= self._next_attempt:
                 self._start_fetch(background=True)
             return token
         task = self._inflight
@@ -240,6 +274,8 @@ class TokenCache:
         except TokenError as exc:
             self._failures += 1
             self._error = exc
+            if self.failing_since is None:
+                self.failing_since = time.time()
             backoff = self._backoff(exc)
             self._next_attempt = self._clock() + backoff
             exc.retry_after = backoff
@@ -258,6 +294,7 @@ class TokenCache:
             self._inflight = None
         self._cache[self._key] = token
         self._failures, self._error, self._next_attempt = 0, None, float("-inf")
+        self.failing_since = None
         log.info(
             "access token %s, valid for %.0f s",
             "refreshed ahead of expiry" if background else "fetched",
