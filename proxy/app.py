@@ -1,7 +1,10 @@
-"""Wiring: ``create_app(config)`` builds the application; ``serve`` runs it on a socket."""
+"""Wiring: ``create_app(config)`` builds the application; ``serve`` runs it, ``drain`` stops it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -10,13 +13,30 @@ import aiohttp
 from aiohttp import web
 
 from .config import Config
+from .errors import error_response
 from .forward import Forwarder
+from .observe import Metrics, Traffic, readiness
 from .tokens import ClientCredentials, TokenCache
 
-__all__ = ["FORWARDER", "TOKENS", "create_app", "serve"]
+__all__ = [
+    "FORWARDER",
+    "METRICS",
+    "TOKENS",
+    "TRAFFIC",
+    "client_session",
+    "create_admin_app",
+    "create_app",
+    "drain",
+    "serve",
+    "ssl_context",
+]
+
+log = logging.getLogger("mdcloud_proxy")
 
 FORWARDER = web.AppKey("forwarder", Forwarder)
 TOKENS = web.AppKey("tokens", TokenCache)
+METRICS = web.AppKey("metrics", Metrics)
+TRAFFIC = web.AppKey("traffic", Traffic)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -24,12 +44,58 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
-def _ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
+def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
+    """The TLS settings for the upstream and the token endpoint."""
     return ssl.create_default_context(cafile=ca_file) if ca_file else True
 
 
+def client_session(config: Config, tls: ssl.SSLContext | bool) -> aiohttp.ClientSession:
+    """A client session that passes requests and answers on as they are."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=tls, limit=0),
+        # No total timeout: it would cut long uploads and downloads; bound each read instead.
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+        ),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),  # one jar would mix the cookies of all callers
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+        trust_env=False,
+    )
+
+
+def _ops_routes(
+    app: web.Application, clock: Callable[[], float], *, metrics: bool
+) -> list[web.RouteDef]:
+    """The reserved ``/-/`` endpoints of ``app``; they are answered here, never forwarded."""
+
+    async def healthy(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "healthy"})
+
+    async def ready(_request: web.Request) -> web.Response:
+        return readiness(app[TOKENS], app[TRAFFIC], clock)
+
+    async def render(_request: web.Request) -> web.Response:
+        return app[METRICS].render()
+
+    async def unknown(request: web.Request) -> web.Response:
+        return error_response(
+            404, 404020, f"{request.path} is not an endpoint of the proxy (/-/ is reserved)"
+        )
+
+    routes = [web.get("/-/healthy", healthy), web.get("/-/ready", ready)]
+    if metrics:
+        routes.append(web.get("/-/metrics", render))
+    return [*routes, web.route("*", "/-/{tail:.*}", unknown)]
+
+
 def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
-    """The proxy as an aiohttp application; its client session lives as long as the app."""
+    """The proxy as an aiohttp application; its client session lives as long as the app.
+
+    The first token is fetched in the background, so the app serves at once; ``/-/ready``
+    says when it has a token.
+    """
+    metrics, traffic = Metrics(), Traffic()
 
     # The guard is a middleware so that it also sees what the router cannot match: CONNECT's
     # authority-form and '*' targets.
@@ -38,41 +104,38 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
         refusal = request.app[FORWARDER].refuse(request)
         return refusal if refusal is not None else await handler(request)
 
-    app = web.Application(middlewares=[guard])
-    tls = _ssl_context(config.ca_file)
+    app = web.Application(middlewares=[metrics.middleware(traffic), guard])
+    app[METRICS], app[TRAFFIC] = metrics, traffic
+    tls = ssl_context(config.ca_file)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=tls, limit=0),
-            # No total timeout: it would cut long uploads and downloads; bound each read instead.
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
-            ),
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),  # one jar would mix the cookies of all callers
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
-            trust_env=False,
-        )
+        session = client_session(config, tls)
         credentials = ClientCredentials(
             session, config.token_url, config.client_id, config.client_secret, tls, clock
         )
         tokens = TokenCache(
-            credentials.fetch,
+            metrics.counting(credentials.fetch),
             identity=(config.token_url, config.client_id),
             refresh_margin=config.refresh_margin,
             clock=clock,
         )
+        metrics.watch(traffic, lambda: tokens.current, clock)
         app[TOKENS] = tokens
         app[FORWARDER] = Forwarder(
             session=session,
             tokens=tokens,
+            metrics=metrics,
             upstream_url=config.upstream_url,
             api_key=config.api_key,
             max_body_size=config.max_body_size,
             replay_memory_limit=config.replay_memory_limit,
             ssl=tls,
         )
+        keeper = asyncio.create_task(tokens.keep_fresh())
         yield
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
         await tokens.close()
         await session.close()
 
@@ -83,8 +146,18 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
         return await request.app[FORWARDER].expect(request)
 
     app.cleanup_ctx.append(lifecycle)
+    app.add_routes(_ops_routes(app, clock, metrics=config.admin_port is None))
     app.router.add_route("*", "/{tail:.*}", forward, expect_handler=expect)
     return app
+
+
+def create_admin_app(
+    app: web.Application, *, clock: Callable[[], float] = time.monotonic
+) -> web.Application:
+    """A separate listener's app with the ``/-/`` endpoints of ``app``, metrics included."""
+    admin = web.Application()
+    admin.add_routes(_ops_routes(app, clock, metrics=True))
+    return admin
 
 
 async def serve(
@@ -94,6 +167,8 @@ async def serve(
     where it listens, ``runner.cleanup()`` stops it."""
     runner = web.AppRunner(
         app,
+        # What is left after drain() has waited is cut off soon; drain() does the waiting.
+        shutdown_timeout=1.0,
         handler_cancellation=True,  # a caller that hangs up cancels its upstream request
         auto_decompress=False,  # bodies are opaque bytes, passed on as sent
         access_log=None,
@@ -105,3 +180,25 @@ async def serve(
         await runner.cleanup()  # closes the client session the app opened on start-up
         raise
     return runner
+
+
+async def drain(runner: web.AppRunner, grace: float) -> None:
+    """Stop the proxy gently: stop accepting connections, let requests in flight finish (an
+    upload keeps streaming) for up to ``grace`` seconds, then close everything.
+
+    aiohttp's own shutdown stops reading request bodies at once (aio-libs/aiohttp#2298), which
+    would stall an upload in flight; so the listening sockets are closed first and the
+    remaining requests are awaited before aiohttp's shutdown runs.
+    """
+    traffic = runner.app[TRAFFIC]
+    traffic.draining = True
+    for site in list(runner.sites):
+        await site.stop()
+    if traffic.in_flight:
+        log.info("stopping: waiting up to %.0f s for %d request(s)", grace, traffic.in_flight)
+    try:
+        async with asyncio.timeout(grace):
+            await traffic.wait_idle()
+    except TimeoutError:
+        log.warning("stopping: cutting off %d request(s) still in flight", traffic.in_flight)
+    await runner.cleanup()

@@ -14,6 +14,7 @@ from yarl import URL
 
 from .body import ReplayableBody
 from .errors import ProxyError, TokenError, describe, error_response
+from .observe import REPLAY, SENT, Metrics, request_target
 from .tokens import Token, TokenCache
 
 __all__ = ["HOP_BY_HOP", "Forwarder"]
@@ -123,6 +124,7 @@ class Forwarder:
         *,
         session: aiohttp.ClientSession,
         tokens: TokenCache,
+        metrics: Metrics,
         upstream_url: str,
         api_key: str | None = None,
         max_body_size: int,
@@ -131,6 +133,7 @@ class Forwarder:
     ):
         self._session = session
         self._tokens = tokens
+        self._metrics = metrics
         self._base = upstream_url.rstrip("/")
         self._api_key = api_key
         self._max_body_size = max_body_size
@@ -172,7 +175,6 @@ class Forwarder:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         """Handle one request from a caller (``refuse`` has let it through)."""
-        started = time.monotonic()
         body = None
         if request.body_exists:
             body = ReplayableBody(
@@ -180,38 +182,30 @@ class Forwarder:
             )
         try:
             try:
-                resp, peeked, replayed = await self._exchange(request, body)
+                resp, peeked = await self._exchange(request, body)
             except ProxyError as exc:
-                log.warning("%s %s failed: %s", request.method, request.path, exc.message)
+                log.warning(
+                    "%s %s failed: %s", request.method, request_target(request), exc.message
+                )
                 headers = None
                 if isinstance(exc, TokenError) and exc.retry_after:
                     headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
                 return exc.response(headers)
             try:
-                out = await self._relay(request, resp, peeked)
+                return await self._relay(request, resp, peeked)
             finally:
                 # Back to the pool when the answer was read to the end, closed otherwise.
                 resp.release()
         finally:
             if body is not None:
                 body.close()
-        log.info(
-            "%s %s -> %d%s in %.3f s",
-            request.method,
-            request.path,
-            out.status,
-            " (token refreshed, replayed)" if replayed else "",
-            time.monotonic() - started,
-        )
-        return out
 
     async def _exchange(
         self, request: web.Request, body: ReplayableBody | None
-    ) -> tuple[aiohttp.ClientResponse, bytes, bool]:
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
         """Send the request; if the token is refused, refresh it and send it once more.
 
-        Returns the answer to relay, the part of its body already read, and whether it was
-        replayed.
+        Returns the answer to relay and the part of its body already read.
         """
         headers = _filtered(request.headers, _NOT_FORWARDED)
         if self._api_key is not None:
@@ -240,23 +234,30 @@ class Forwarder:
                 "upstream hung up on %s %s before reading the whole body; "
                 "replaying with a fresh token",
                 request.method,
-                request.path,
+                request_target(request),
             )
         else:
             if not token_refused(resp.status, resp.headers, peeked):
-                return resp, peeked, False
+                return resp, peeked
             resp.close()
             log.info(
                 "upstream refused the access token for %s %s; refreshing it and replaying",
                 request.method,
-                request.path,
+                request_target(request),
             )
         self._tokens.invalidate(token)
-        token = await self._tokens.get()
+        outcome = "failed"
         try:
-            return await self._send(request.method, url, headers, token, body), b"", True
+            token = await self._tokens.get()
+            resp = await self._send(request.method, url, headers, token, body)
+            # A 401 to a fresh token is passed on: replaying again could not help.
+            outcome = "refused" if resp.status == 401 else "ok"
+            return resp, b""
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _upstream_failure(exc, url, body) from None
+        finally:
+            request[REPLAY] = outcome
+            self._metrics.replays.labels(outcome).inc()
 
     async def _send(
         self,
@@ -268,7 +269,8 @@ class Forwarder:
     ) -> aiohttp.ClientResponse:
         headers = headers.copy()
         headers["Authorization"] = "Bearer " + token.access_token
-        return await self._session.request(
+        started = time.monotonic()
+        resp = await self._session.request(
             method,
             url,
             headers=headers,
@@ -276,6 +278,8 @@ class Forwarder:
             allow_redirects=False,
             ssl=self._ssl,
         )
+        self._metrics.upstream_latency.observe(time.monotonic() - started)
+        return resp
 
     async def _relay(
         self, request: web.Request, resp: aiohttp.ClientResponse, peeked: bytes
@@ -286,8 +290,10 @@ class Forwarder:
         )
         out.content_length = resp.content_length
         await out.prepare(request)
+        request[SENT] = 0
         if peeked:
             await out.write(peeked)
+            request[SENT] = len(peeked)
         while True:
             try:
                 chunk = await resp.content.readany()
@@ -295,7 +301,7 @@ class Forwarder:
                 log.warning(
                     "%s %s: upstream answer broke off (%s); aborting the caller's connection",
                     request.method,
-                    request.path,
+                    request_target(request),
                     describe(exc),
                 )
                 # A truncated answer must not look complete: no final chunk, no keep-alive.
@@ -305,5 +311,6 @@ class Forwarder:
             if not chunk:
                 break
             await out.write(chunk)  # a caller who hung up raises here, and that ends it
+            request[SENT] += len(chunk)
         await out.write_eof()
         return out

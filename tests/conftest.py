@@ -178,6 +178,13 @@ async def raw_exchange(port: int, request: bytes) -> RawResponse:
         writer.close()
 
 
+async def eventually(condition: Callable[[], object], within: float = 5.0) -> None:
+    """Wait until ``condition()`` holds; fail after ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 def random_payload(size: int) -> tuple[bytes, str]:
     data = os.urandom(size)
     return data, hashlib.sha256(data).hexdigest()

@@ -1,0 +1,241 @@
+"""How the proxy reports on itself: Prometheus metrics, one log line per request, readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from .errors import TokenError, error_response
+from .tokens import Token, TokenCache
+
+__all__ = ["REPLAY", "SENT", "Metrics", "Traffic", "readiness", "request_target"]
+
+log = logging.getLogger("mdcloud_proxy.access")
+Clock = Callable[[], float]
+
+# Set by the forwarder: how a replay ended ("ok", "refused", "failed"), and the body bytes it
+# relayed (a streamed answer's own counters include headers and chunk framing).
+REPLAY = web.RequestKey("replay", str)
+SENT = web.RequestKey("sent", int)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# nginx's code for "the caller closed the connection before the answer was sent".
+CALLER_GONE = 499
+
+
+def request_target(request: web.Request) -> str:
+    """The raw path, with query values masked: a tool may put a key in the query string.
+
+    The raw target cannot hold CR, LF or spaces, so it is safe to put into a log line.
+    """
+    path, _, query = request.raw_path.partition("?")
+    if not query:
+        return path
+    names = (part.partition("=")[0] for part in query.split("&"))
+    return path + "?" + "&".join(f"{name}=***" for name in names)
+
+
+@dataclass
+class Traffic:
+    """Requests in flight, and whether the proxy is draining before it stops."""
+
+    in_flight: int = 0
+    draining: bool = False
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._idle.set()
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no request is in flight."""
+        await self._idle.wait()
+
+
+class Metrics:
+    """The proxy's Prometheus metrics, in a registry of its own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)  # memory, CPU and open file descriptors
+        prefix = "mdcloud_proxy_"
+        self.requests = Counter(
+            prefix + "requests",
+            "Requests answered, by method and status class (499: the caller hung up).",
+            ["method", "status_class"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            prefix + "requests_in_flight", "Requests being handled.", registry=self.registry
+        )
+        self.upstream_latency = Histogram(
+            prefix + "upstream_latency_seconds",
+            "Time from sending a request upstream to its answer's headers, per attempt.",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.replays = Counter(
+            prefix + "replays",
+            "Requests sent again after the upstream refused the token, by outcome "
+            "(ok, refused: refused again, failed: no answer).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.token_fetches = Counter(
+            prefix + "token_fetches",
+            "Requests to the token endpoint, by outcome (ok, error: may pass, "
+            "rejected: needs a configuration change).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.token_expiry = Gauge(
+            prefix + "token_expiry_seconds",
+            "Seconds until the current access token expires; 0 when none is held.",
+            registry=self.registry,
+        )
+        self.bytes_in = Counter(
+            prefix + "request_bytes",
+            "Request body bytes received from callers.",
+            registry=self.registry,
+        )
+        self.bytes_out = Counter(
+            prefix + "response_bytes",
+            "Response body bytes sent to callers.",
+            registry=self.registry,
+        )
+        for outcome in ("ok", "refused", "failed"):
+            self.replays.labels(outcome)
+        for outcome in ("ok", "error", "rejected"):
+            self.token_fetches.labels(outcome)
+
+    def watch(self, traffic: Traffic, current: Callable[[], Token | None], clock: Clock) -> None:
+        """Read the in-flight count and the token's remaining life when scraped."""
+        self.in_flight.set_function(lambda: traffic.in_flight)
+
+        def remaining() -> float:
+            token = current()
+            return max(0.0, token.expires_at - clock()) if token is not None else 0.0
+
+        self.token_expiry.set_function(remaining)
+
+    def counting(self, fetch: Callable[[], Awaitable[Token]]) -> Callable[[], Awaitable[Token]]:
+        """``fetch`` with each call counted by outcome."""
+
+        async def counted() -> Token:
+            try:
+                token = await fetch()
+            except TokenError as exc:
+                self.token_fetches.labels("rejected" if exc.permanent else "error").inc()
+                raise
+            self.token_fetches.labels("ok").inc()
+            return token
+
+        return counted
+
+    def render(self) -> web.Response:
+        """The metrics in Prometheus' text format."""
+        response = web.Response(body=generate_latest(self.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    def middleware(self, traffic: Traffic) -> Middleware:
+        """Counts, times and logs every request (the reserved ``/-/`` paths only at DEBUG)."""
+
+        @web.middleware
+        async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+            if request.path.startswith("/-/"):
+                answer = await handler(request)
+                log.debug("%s %s -> %d", request.method, request_target(request), answer.status)
+                return answer
+            started = time.monotonic()
+            traffic.started()
+            status = 500  # for an exception other than HTTPException
+            response: web.StreamResponse | None = None
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = CALLER_GONE
+                raise
+            finally:
+                traffic.finished()
+                self._record(request, status, response, time.monotonic() - started)
+
+        return observe
+
+    def _record(
+        self,
+        request: web.Request,
+        status: int,
+        response: web.StreamResponse | None,
+        duration: float,
+    ) -> None:
+        method = request.method if request.method in _METHODS else "other"
+        self.requests.labels(method, f"{status // 100}xx").inc()
+        received = request.content.total_bytes
+        sent = request.get(SENT)
+        if sent is None:
+            sent = (response.content_length or 0) if response is not None else 0
+        self.bytes_in.inc(received)
+        self.bytes_out.inc(sent)
+        fields = {
+            "method": request.method,
+            "path": request_target(request),
+            "status": status,
+            "bytes_in": received,
+            "bytes_out": sent,
+            "duration_s": round(duration, 6),
+            "replayed": request.get(REPLAY),
+        }
+        log.info(
+            "%(method)s %(path)s -> %(status)d, %(bytes_in)d bytes in, %(bytes_out)d bytes out, "
+            "%(duration_s).3f s" + (", replayed: %(replayed)s" if fields["replayed"] else ""),
+            fields,
+            extra={"fields": fields},
+        )
+
+
+def readiness(tokens: TokenCache, traffic: Traffic, clock: Clock) -> web.Response:
+    """200 while a valid token is held and the proxy is not stopping; 503 saying why not."""
+    if traffic.draining:
+        return error_response(503, 503020, "not ready: shutting down")
+    token = tokens.current
+    if token is not None:
+        return web.json_response(
+            {"status": "ready", "token_expires_in_s": round(token.expires_at - clock())}
+        )
+    error = tokens.error
+    if error is None:
+        return error_response(503, 503020, "not ready: fetching the first access token")
+    since = ""
+    if tokens.failing_since is not None:
+        when = datetime.fromtimestamp(tokens.failing_since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        since = f" (failing since {when})"
+    return error_response(503, 503020, f"not ready: no access token: {error.message}{since}")
