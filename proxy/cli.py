@@ -10,18 +10,45 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from aiohttp import web
+
 from . import __version__
-from .app import create_app, serve
+from .app import create_admin_app, create_app, drain, serve
+from .check import check, print_token
 from .config import Config, load_config
 from .errors import ConfigError, describe
+from .logs import setup_logging
 from .simulator import Simulator
 
 __all__ = ["main"]
 
 log = logging.getLogger("mdcloud_proxy")
 
+
+class ListenError(Exception):
+    """A listening socket could not be opened; the message says which and why."""
+
+
 DEMO_CLIENT_ID = "demo-client"
 DEMO_CLIENT_SECRET = "demo-secret"  # noqa: S105 - the simulator's, printed on purpose
+
+
+def _add_common(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--config", metavar="PATH", default=default, help="YAML config file ($MDCLOUD_PROXY_CONFIG)"
+    )
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log.level (default INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=default,
+        choices=["text", "json"],
+        help="log.format: text for people (default), json for machines",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Local authenticating reverse proxy for OPSWAT MetaDefender Cloud.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--config", metavar="PATH", help="YAML config file ($MDCLOUD_PROXY_CONFIG)")
+    _add_common(parser, None)
     parser.add_argument("--host", help="address to listen on (listen.host, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (listen.port, default 8080)")
     parser.add_argument(
@@ -38,10 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run in front of the built-in MetaDefender simulator with short-lived tokens",
     )
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in [
+        ("check", "check the setup: fetch a token, call GET /v4/apikey/, report; exit 0 or 1"),
+        ("token", "print a fresh access token to stdout (for scripts)"),
+    ]:
+        # SUPPRESS: an option given before the command is not reset by the command's default.
+        _add_common(commands.add_parser(name, help=text), argparse.SUPPRESS)
     sim = commands.add_parser(
         "simulator", help="run only the MetaDefender Cloud simulator (for offline integration work)"
     )
@@ -68,19 +98,41 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-async def _run_proxy(config: Config) -> None:
-    runner = await serve(create_app(config), config.host, config.port)
-    log.info(
-        "mdcloud-proxy %s listening on http://%s:%d, forwarding to %s",
-        __version__,
-        config.host,
-        runner.addresses[0][1],
-        config.upstream_url,
-    )
+async def _listen(app: web.Application, host: str, port: int, what: str) -> web.AppRunner:
     try:
+        return await serve(app, host, port)
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {what}{host}:{port}: {describe(exc)}") from None
+
+
+async def _run_proxy(config: Config) -> None:
+    app = create_app(config)
+    runner = await _listen(app, config.host, config.port, "")
+    admin = None
+    try:
+        if config.admin_port is not None:
+            admin = await _listen(
+                create_admin_app(app), config.admin_host, config.admin_port, "admin "
+            )
+        log.info(
+            "mdcloud-proxy %s listening on http://%s:%d, forwarding to %s",
+            __version__,
+            config.host,
+            runner.addresses[0][1],
+            config.upstream_url,
+        )
+        if admin is not None:
+            log.info(
+                "health and metrics on http://%s:%d/-/",
+                config.admin_host,
+                admin.addresses[0][1],
+            )
         await _wait_for_signal()
     finally:
-        await runner.cleanup()
+        await drain(runner, config.shutdown_timeout)
+        if admin is not None:
+            await admin.cleanup()  # last, so that health and metrics stay up while draining
+    log.info("stopped")
 
 
 async def _run_simulator(sim: Simulator, host: str, port: int) -> None:
@@ -142,35 +194,41 @@ None of these carries a credential: the proxy adds the bearer token. Ctrl-C stop
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mdcloud-proxy`` command."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.command == "simulator":
-        sim = Simulator(
-            args.client_id,
-            args.client_secret,
-            api_key=args.api_key,
-            token_lifetime=args.token_lifetime,
-            revoke_after=args.revoke_after,
-        )
-        asyncio.run(_run_simulator(sim, args.sim_host, args.sim_port))
+    if args.command == "simulator" or args.demo:
+        setup_logging(args.log_level or "INFO", args.log_format or "text")
+        if args.command == "simulator":
+            sim = Simulator(
+                args.client_id,
+                args.client_secret,
+                api_key=args.api_key,
+                token_lifetime=args.token_lifetime,
+                revoke_after=args.revoke_after,
+            )
+            asyncio.run(_run_simulator(sim, args.sim_host, args.sim_port))
+        else:
+            asyncio.run(
+                _run_demo(args.host or "127.0.0.1", 8080 if args.port is None else args.port)
+            )
         return 0
-    if args.demo:
-        asyncio.run(_run_demo(args.host or "127.0.0.1", 8080 if args.port is None else args.port))
-        return 0
+    overrides = {
+        "listen.host": args.host,
+        "listen.port": args.port,
+        "log.level": args.log_level,
+        "log.format": args.log_format,
+    }
     try:
-        config = load_config(
-            args.config, os.environ, {"listen.host": args.host, "listen.port": args.port}
-        )
+        config = load_config(args.config, os.environ, overrides)
     except ConfigError as exc:
         print(f"mdcloud-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
+    setup_logging(config.log_level, config.log_format)
+    if args.command == "check":
+        return 0 if asyncio.run(check(config, sys.stdout)) else 1
+    if args.command == "token":
+        return 0 if asyncio.run(print_token(config, sys.stdout, sys.stderr)) else 1
     try:
         asyncio.run(_run_proxy(config))
-    except OSError as exc:
-        print(
-            f"mdcloud-proxy: cannot listen on {config.host}:{config.port}: {describe(exc)}",
-            file=sys.stderr,
-        )
+    except ListenError as exc:
+        print(f"mdcloud-proxy: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -12,10 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import API_KEY, CLIENT_ID, CLIENT_SECRET
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def spawn(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+async def spawn(
+    *args: str, env: dict[str, str] | None = None, stderr: int = asyncio.subprocess.STDOUT
+) -> asyncio.subprocess.Process:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MDCLOUD")}
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -23,7 +29,7 @@ async def spawn(*args: str, env: dict[str, str] | None = None) -> asyncio.subpro
         "proxy",
         *args,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+        stderr=stderr,
         env={**clean, **(env or {})},
         cwd=ROOT,
     )
@@ -45,8 +51,10 @@ async def wait_for_line(proc: asyncio.subprocess.Process, pattern: str) -> re.Ma
                 return match
 
 
-async def stop(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM) -> int:
-    proc.send_signal(sig)
+async def stop(proc: asyncio.subprocess.Process, sig: int | None = signal.SIGTERM) -> int:
+    """Send ``sig`` (None: none, it is stopping already) and wait for the exit code."""
+    if sig is not None:
+        proc.send_signal(sig)
     async with asyncio.timeout(15):
         await proc.communicate()
     assert proc.returncode is not None
@@ -122,3 +130,104 @@ async def test_port_in_use_is_a_clear_error():
         out.decode()
         == f"mdcloud-proxy: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     )
+
+
+def account_env(upstream: str, secret: str = CLIENT_SECRET) -> dict[str, str]:
+    return {
+        "MDCLOUD_CLIENT_ID": CLIENT_ID,
+        "MDCLOUD_CLIENT_SECRET": secret,
+        "MDCLOUD_PROXY_UPSTREAM_URL": upstream,
+    }
+
+
+async def run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run the command to its end; its exit code, stdout and stderr."""
+    proc = await spawn(*args, env=env, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_check_reports_token_and_limits(sim, upstream):
+    code, out, err = await run("check", env=account_env(upstream))
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"config   ok (upstream {upstream}, token endpoint {upstream}/v4/oauth2/token)",
+        "token    ok, valid for 3600 s",
+        "api      ok, GET /v4/apikey/ answered HTTP 200",
+        "limits   prevention 4000, reputation 4000 per daily interval; max upload 140 MB; "
+        "3998 requests left now",
+    ]
+    assert [r.raw_path for r in sim.requests] == ["/v4/oauth2/token", "/v4/apikey/"]
+
+
+async def test_check_fails_clearly_and_quietly(sim, upstream):
+    code, out, _ = await run("check", env=account_env(upstream, secret="wrong-secret-value"))
+    assert code == 1
+    assert out.splitlines()[1] == (
+        "token    FAILED: token endpoint rejected the client credentials (HTTP 401: "
+        "invalid_client; Client authentication failed); check oauth.client_id and "
+        "oauth.client_secret"
+    )
+    assert "wrong-secret-value" not in out
+
+    sim.api_key = API_KEY  # the account needs an apikey the config does not give
+    code, out, _ = await run("check", env=account_env(upstream))
+    assert code == 1
+    assert out.splitlines()[-1] == (
+        "api      FAILED: GET /v4/apikey/ answered HTTP 401: Invalid apikey"
+    )
+
+
+async def test_token_prints_a_fresh_access_token(sim, upstream):
+    code, out, err = await run("token", env=account_env(upstream))
+    assert (code, err) == (0, "")
+    assert out == sim.issued_tokens[-1] + "\n"
+
+    code, out, err = await run("token", "--log-level", "ERROR", env=account_env(upstream, "bad"))
+    assert (code, out) == (1, "")
+    assert err.startswith("mdcloud-proxy: token endpoint rejected the client credentials")
+
+
+async def test_sigterm_lets_an_upload_in_flight_finish(sim, upstream, client):
+    proxy = await spawn("--port", "0", env=account_env(upstream))
+    base = (await wait_for_line(proxy, r"listening on (http://127\.0\.0\.1:\d+)")).group(1)
+    data = os.urandom(8 * 1024 * 1024)
+    halfway = asyncio.Event()
+
+    async def slow_body():
+        step = 256 * 1024
+        for i in range(0, len(data), step):
+            if i >= len(data) // 2:
+                halfway.set()
+                await asyncio.sleep(0.05)
+            yield data[i : i + step]
+
+    async def upload():
+        async with client.post(base + "/v4/file", data=slow_body()) as resp:
+            return resp.status, await resp.json()
+
+    uploading = asyncio.create_task(upload())
+    await halfway.wait()
+    proxy.send_signal(signal.SIGTERM)
+    status, answer = await uploading
+    assert status == 200
+    assert answer["sha256"].lower() == hashlib.sha256(data).hexdigest()
+    await wait_for_line(proxy, r"stopping: waiting up to 30 s for 1 request")
+    await wait_for_line(proxy, r"INFO mdcloud_proxy: stopped")
+    assert await stop(proxy, None) == 0
+
+
+async def test_json_logs(sim, upstream, client):
+    proxy = await spawn("--port", "0", "--log-format", "json", env=account_env(upstream))
+    match = await wait_for_line(proxy, r'"message": "mdcloud-proxy \S+ listening on (http://\S+),')
+    base = match.group(1)
+    async with client.get(base + "/v4/hash/ABC?x=1") as resp:
+        assert resp.status == 404
+    line = await wait_for_line(proxy, r'"logger": "mdcloud_proxy.access"')
+    entry = json.loads(line.string)
+    assert entry["level"] == "INFO"
+    assert (entry["method"], entry["path"], entry["status"]) == ("GET", "/v4/hash/ABC?x=***", 404)
+    assert entry["replayed"] is None
+    assert await stop(proxy) == 0

@@ -1,0 +1,105 @@
+"""The ``check`` and ``token`` commands: one token fetch and one API call, told to a person."""
+
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+import aiohttp
+
+from .app import client_session, ssl_context
+from .config import Config
+from .errors import TokenError, describe
+from .tokens import ClientCredentials, Token
+
+__all__ = ["check", "print_token"]
+
+APIKEY_PATH = "/v4/apikey/"
+
+
+async def _fetch(config: Config, session: aiohttp.ClientSession) -> Token:
+    """One token request; the session carries the TLS settings."""
+    credentials = ClientCredentials(
+        session, config.token_url, config.client_id, config.client_secret
+    )
+    return await credentials.fetch()
+
+
+async def print_token(config: Config, out: TextIO, err: TextIO) -> bool:
+    """Print a fresh access token to ``out`` (for scripts); say why not to ``err``."""
+    async with client_session(config, ssl_context(config.ca_file)) as session:
+        try:
+            token = await _fetch(config, session)
+        except TokenError as exc:
+            print(f"mdcloud-proxy: {exc.message}", file=err)
+            return False
+    print(token.access_token, file=out)
+    return True
+
+
+def _limits(info: object) -> str:
+    """The account's limits from a ``GET /v4/apikey/`` answer, if it lists any."""
+    if not isinstance(info, dict):
+        return ""
+    interval = info.get("limit_interval", "")
+    parts = [
+        f"{name.removeprefix('limit_')} {value}"
+        for name, value in info.items()
+        if name.startswith("limit_") and name != "limit_interval"
+    ]
+    text = ", ".join(parts) + (f" per {interval} interval" if parts and interval else "")
+    if "max_upload_file_size" in info:
+        text += ("; " if text else "") + f"max upload {info['max_upload_file_size']} MB"
+    return text
+
+
+def _api_error(body: bytes) -> str:
+    try:
+        messages = json.loads(body)["error"]["messages"]
+        return "; ".join(str(m) for m in messages)
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+async def check(config: Config, out: TextIO) -> bool:
+    """Fetch a token and call ``GET /v4/apikey/`` with it; print what happened, step by step."""
+
+    def say(label: str, text: str) -> None:
+        print(f"{label:<8} {text}", file=out)
+
+    say("config", f"ok (upstream {config.upstream_url}, token endpoint {config.token_url})")
+    async with client_session(config, ssl_context(config.ca_file)) as session:
+        try:
+            token = await _fetch(config, session)
+        except TokenError as exc:
+            say("token", f"FAILED: {exc.message}")
+            return False
+        say("token", f"ok, valid for {token.lifetime:.0f} s")
+        headers = {"Authorization": "Bearer " + token.access_token}
+        if config.api_key is not None:
+            headers["apikey"] = config.api_key
+        url = config.upstream_url + APIKEY_PATH
+        try:
+            async with session.get(url, headers=headers, allow_redirects=False) as resp:
+                body = await resp.content.read(1024 * 1024)
+                status, remaining = resp.status, resp.headers.get("X-RateLimit-Remaining")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            say("api", f"FAILED: GET {url}: {describe(exc)}")
+            return False
+    if status != 200:
+        reason = _api_error(body)
+        say(
+            "api",
+            f"FAILED: GET {APIKEY_PATH} answered HTTP {status}" + (f": {reason}" if reason else ""),
+        )
+        return False
+    say("api", f"ok, GET {APIKEY_PATH} answered HTTP 200")
+    try:
+        limits = _limits(json.loads(body))
+    except ValueError:
+        limits = ""
+    if remaining is not None:
+        limits += ("; " if limits else "") + f"{remaining} requests left now"
+    if limits:
+        say("limits", limits)
+    return True
