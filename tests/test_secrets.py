@@ -8,6 +8,7 @@ import logging
 import pytest
 
 from proxy.app import FORWARDER, TOKENS
+from proxy.logs import TEXT_FORMAT, JsonFormatter
 
 from .conftest import API_KEY, CLIENT_ID, CLIENT_SECRET, chunks, random_payload
 
@@ -45,11 +46,13 @@ async def test_secrets_never_logged_nor_answered(
     sim.revoke_after = 0
     sim.expire_tokens()
     await call("GET", proxy.url + "/v4/apikey/", headers={"Authorization": "Bearer " + API_KEY})
+    await call("GET", proxy.url + "/v4/hash/x?apikey=" + API_KEY)  # a key in the query string
     # token endpoint failures
     for failure in [(401, b'{"error":"invalid_client"}'), (500, b"x"), (200, b"nope")]:
         sim.token_failure = failure
         failing = await make_proxy(api_key=API_KEY)
         await call("GET", failing.url + "/v4/apikey/")
+        await call("GET", failing.url + "/-/ready")
     sim.token_failure = None
     # upstream failures: refused connection, truncated answer
     _, broken = await raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12")
@@ -57,11 +60,16 @@ async def test_secrets_never_logged_nor_answered(
     with pytest.raises(Exception):  # noqa: B017 - the caller sees a broken answer, any kind
         await call("GET", broken_proxy.url + "/v4/x")
 
+    for app_url in (proxy.url, broken_proxy.url):
+        await call("GET", app_url + "/-/ready")
+        await call("GET", app_url + "/-/metrics")
+
     assert len(sim.issued_tokens) >= 3
     assert any("replaying" in r.getMessage() for r in caplog.records), "the flows above were logged"
-    log_text = "\n".join(
-        r.getMessage() + (str(r.exc_info[1]) if r.exc_info else "") for r in caplog.records
-    )
+    assert any("not ready: no access token" in body for body in bodies)
+    # every record as both formats write it, exception texts and tracebacks included
+    text, json_lines = logging.Formatter(TEXT_FORMAT), JsonFormatter()
+    log_text = "\n".join(text.format(r) + json_lines.format(r) for r in caplog.records)
     assert_clean(log_text, sim)
     assert_clean("\n".join(bodies), sim)
     for app in (proxy.app, broken_proxy.app):
