@@ -1,0 +1,52 @@
+"""The Dockerfile, the examples and the README agree with the code they describe."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from proxy.config import CONFIG_ENV, KEYS, Config
+
+ROOT = Path(__file__).resolve().parent.parent
+KNOWN_ENV = {spec.env for spec in KEYS.values()} | {CONFIG_ENV}
+
+
+def test_every_environment_variable_mentioned_exists():
+    for name in ("Dockerfile", "README.md", "config.example.yaml", *(ROOT / "examples").iterdir()):
+        text = (ROOT / name).read_text()
+        mentioned = set(re.findall(r"\bMDCLOUD_[A-Z_]+[A-Z]\b", text))
+        assert mentioned <= KNOWN_ENV, (name, mentioned - KNOWN_ENV)
+
+
+def test_compose_sidecar():
+    compose = yaml.safe_load((ROOT / "examples/docker-compose.yml").read_text())
+    proxy = compose["services"]["mdcloud-proxy"]
+    (secret,) = proxy["secrets"]
+    assert secret in compose["secrets"]
+    assert proxy["environment"]["MDCLOUD_CLIENT_SECRET_FILE"] == f"/run/secrets/{secret}"
+    assert int(proxy["stop_grace_period"].removesuffix("s")) > Config.shutdown_timeout
+    tool = compose["services"]["tool"]
+    assert tool["depends_on"]["mdcloud-proxy"]["condition"] == "service_healthy"
+    assert "http://mdcloud-proxy:8080/-/ready" in tool["command"][0]
+
+
+def test_kubernetes_sidecar():
+    pod = yaml.safe_load((ROOT / "examples/kubernetes-pod.yaml").read_text())
+    spec = pod["spec"]
+    (proxy,) = spec["initContainers"]
+    assert proxy["restartPolicy"] == "Always"
+    env = {e["name"]: e["value"] for e in proxy["env"]}
+    assert env["MDCLOUD_PROXY_LISTEN_HOST"] == "127.0.0.1"
+    admin_port = int(env["MDCLOUD_PROXY_ADMIN_PORT"])
+    assert proxy["ports"] == [{"name": "admin", "containerPort": admin_port}]
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "admin"}
+    assert proxy["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "admin"}
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/-/metrics"
+    assert spec["terminationGracePeriodSeconds"] > Config.shutdown_timeout
+    mounts = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}
+    (volume,) = [v for v in spec["volumes"] if "secret" in v]
+    (item,) = volume["secret"]["items"]
+    assert env["MDCLOUD_CLIENT_SECRET_FILE"] == f"{mounts[volume['name']]}/{item['path']}"
+    assert mounts["tmp"] == "/tmp"  # a read-only root still has room for replay spill files
