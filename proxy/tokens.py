@@ -204,11 +204,6 @@ class TokenCache:
         """Why the latest fetch failed; None once a fetch succeeds."""
         return self._error
 
-    @property
-    def fetching(self) -> bool:
-        """Whether a token request is in flight."""
-        return self._inflight is not None
-
     def _refresh_at(self, token: Token) -> float:
         return token.expires_at - min(self._margin, token.lifetime / 2)
 
@@ -220,16 +215,15 @@ class TokenCache:
         Failures follow the same backoff as fetches made for requests.
         """
         while True:
+            if self._inflight is not None:
+                await asyncio.gather(asyncio.shield(self._inflight), return_exceptions=True)
+                continue
             token, now = self.current, self._clock()
             due = self._next_attempt if self._error is not None else float("-inf")
             if token is not None:
                 due = max(due, self._refresh_at(token))
-            if now >= due and self._inflight is None:
-                task = self._start_fetch(background=token is not None)
-                await asyncio.gather(asyncio.shield(task), return_exceptions=True)
-                continue
-            if self._inflight is not None:
-                await asyncio.gather(asyncio.shield(self._inflight), return_exceptions=True)
+            if now >= due:
+                self._start_fetch(background=token is not None)
                 continue
             await asyncio.sleep(max(min_wait, due - now))
 
