@@ -231,3 +231,32 @@ async def test_json_logs(sim, upstream, client):
     assert (entry["method"], entry["path"], entry["status"]) == ("GET", "/v4/hash/ABC?x=***", 404)
     assert entry["replayed"] is None
     assert await stop(proxy) == 0
+
+
+async def test_admin_listener(sim, upstream, client):
+    env = {**account_env(upstream), "MDCLOUD_PROXY_ADMIN_PORT": "0"}
+    proxy = await spawn("--port", "0", env=env)
+    try:
+        base = (await wait_for_line(proxy, r"listening on (http://127\.0\.0\.1:\d+)")).group(1)
+        admin = (await wait_for_line(proxy, r"metrics on (http://127\.0\.0\.1:\d+)/-/")).group(1)
+        async with client.get(admin + "/-/metrics") as resp:
+            assert resp.status == 200
+            assert "mdcloud_proxy_token_fetches_total" in await resp.text()
+        async with client.get(base + "/-/metrics") as resp:
+            assert resp.status == 404
+    finally:
+        assert await stop(proxy) == 0
+
+
+async def test_admin_port_in_use_is_a_clear_error(upstream):
+    holder = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = holder.sockets[0].getsockname()[1]
+    try:
+        env = {**account_env(upstream), "MDCLOUD_PROXY_ADMIN_PORT": str(port)}
+        code, _, err = await run("--port", "0", "--log-level", "ERROR", env=env)
+    finally:
+        holder.close()
+    assert code == 1
+    assert (
+        err == f"mdcloud-proxy: cannot listen on admin 127.0.0.1:{port}: Address already in use\n"
+    )
