@@ -18,6 +18,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -79,6 +80,7 @@ class Metrics:
     """The proxy's Prometheus metrics, in a registry of its own (one per app)."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # a *_created series per counter is noise for a proxy
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)  # memory, CPU and open file descriptors
         prefix = "mdcloud_proxy_"
