@@ -80,7 +80,8 @@ class Metrics:
     """The proxy's Prometheus metrics, in a registry of its own (one per app)."""
 
     def __init__(self) -> None:
-        disable_created_metrics()  # a *_created series per counter is noise for a proxy
+        # A *_created series per counter is noise for a proxy.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)  # memory, CPU and open file descriptors
         prefix = "mdcloud_proxy_"
