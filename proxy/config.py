@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
@@ -15,10 +16,12 @@ from yarl import URL
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_UPSTREAM", "KEYS", "Config", "load_config", "parse_size"]
+__all__ = ["DEFAULT_UPSTREAM", "KEYS", "Config", "Network", "load_config", "parse_size"]
 
 DEFAULT_UPSTREAM = "https://api.metadefender.com"
 MiB = 1024 * 1024
+MIN_KEY_LENGTH = 16
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class Config:
     admin_port: int | None = None
     log_level: str = "INFO"
     log_format: str = "text"
+    allowed_networks: tuple[Network, ...] = ()
+    inbound_keys: tuple[str, ...] = field(default=(), repr=False)
+    allow_unauthenticated: bool = False
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -99,6 +105,48 @@ def _choice(*allowed: str) -> Callable[[object], str]:
         raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
 
     return parse
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def _items(value: object) -> list[object]:
+    """A YAML list, or a string of items separated by commas or newlines (env vars, files)."""
+    if isinstance(value, str):
+        return [item.strip() for item in re.split(r"[,\n]", value) if item.strip()]
+    if isinstance(value, list):
+        return value
+    raise ValueError("expected a list, or a string of items separated by commas")
+
+
+def _networks(value: object) -> tuple[Network, ...]:
+    networks = []
+    for item in _items(value):
+        try:
+            networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not a network such as 10.0.0.0/8 or ::1") from None
+    if not networks:
+        raise ValueError("expected at least one network")
+    return tuple(networks)
+
+
+def _keys(value: object) -> tuple[str, ...]:
+    # Never quote a key in a message.
+    keys = _items(value)
+    if not keys or not all(isinstance(key, str) for key in keys):
+        raise ValueError("expected one or more keys (strings)")
+    if any(len(str(key)) < MIN_KEY_LENGTH for key in keys):
+        raise ValueError(f"every key must be at least {MIN_KEY_LENGTH} characters long")
+    return tuple(str(key) for key in keys)
 
 
 def _seconds(value: object) -> float:
@@ -179,9 +227,19 @@ KEYS: dict[str, _Key] = {
     "log.level": _Key(_choice("DEBUG", "INFO", "WARNING", "ERROR"), _env("log.level"),
                       "log_level"),
     "log.format": _Key(_choice("text", "json"), _env("log.format"), "log_format"),
+    "inbound.allowed_networks": _Key(_networks, _env("inbound.allowed_networks"),
+                                     "allowed_networks"),
+    "inbound.keys": _Key(_keys, _env("inbound.keys"), "inbound_keys"),
+    "inbound.keys_file": _Key(_text, _env("inbound.keys_file"), ""),
+    "inbound.allow_unauthenticated": _Key(_boolean, _env("inbound.allow_unauthenticated"),
+                                          "allow_unauthenticated"),
 }  # fmt: skip
 # Secrets that may come from a file instead (Docker and Kubernetes secrets are files).
-_SECRET_FILES = {"oauth.client_secret_file": "oauth.client_secret", "api_key_file": "api_key"}
+_SECRET_FILES = {
+    "oauth.client_secret_file": "oauth.client_secret",
+    "api_key_file": "api_key",
+    "inbound.keys_file": "inbound.keys",
+}
 CONFIG_ENV = "MDCLOUD_PROXY_CONFIG"
 
 
@@ -268,10 +326,31 @@ def load_config(
             continue
         if key in values:
             raise ConfigError(f"{file_key}: set either {key} or {file_key}, not both")
-        values[key] = _read_secret_file(file_key, path)
+        text = _read_secret_file(file_key, path)
+        try:
+            values[key] = KEYS[key].parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{file_key}: {path}: {exc}") from None
     for key in ("oauth.client_id", "oauth.client_secret"):
         if key not in values:
             raise ConfigError(f"{key}: missing (set it in the config file or {KEYS[key].env})")
     upstream = values.get("upstream.url", DEFAULT_UPSTREAM)
     values.setdefault("oauth.token_url", upstream + "/v4/oauth2/token")
-    return Config(**{KEYS[key].attr: value for key, value in values.items()})
+    config = Config(**{KEYS[key].attr: value for key, value in values.items()})
+    protected = config.allowed_networks or config.inbound_keys or config.allow_unauthenticated
+    if not _is_loopback(config.host) and not protected:
+        raise ConfigError(
+            f"listen.host: {config.host} is not a loopback address, and anyone who can reach "
+            "the proxy acts as your MetaDefender account; set inbound.allowed_networks or "
+            "inbound.keys, or inbound.allow_unauthenticated: true to accept that"
+        )
+    return config
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve to anything

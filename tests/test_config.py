@@ -44,6 +44,7 @@ def test_file_then_environment_then_flags(tmp_path):
         "limits:\n  max_body_size: 512MiB\n"
         "replay:\n  memory_limit: 64KiB\n"
         "api_key: file-key\n"
+        "inbound:\n  allowed_networks: [10.0.0.0/8, '::1']\n"
     )
     env = {"MDCLOUD_CLIENT_ID": "from-env", "MDCLOUD_PROXY_LISTEN_PORT": "9002"}
     config = load_config(
@@ -140,6 +141,16 @@ def test_secrets_stay_out_of_repr():
             ENV,
             "api_key_file: set either api_key or api_key_file, not both",
         ),
+        (
+            "inbound:\n  allowed_networks: [10.0.0.0/8, nowhere]\n",
+            ENV,
+            "inbound.allowed_networks: 'nowhere' is not a network such as 10.0.0.0/8",
+        ),
+        (
+            "inbound:\n  allow_unauthenticated: maybe\n",
+            ENV,
+            "inbound.allow_unauthenticated: 'maybe' is not true or false",
+        ),
         ("[1, 2]\n", ENV, "the top level must be a mapping"),
         ("listen: [\n", ENV, "not valid YAML at line"),
     ],
@@ -184,6 +195,49 @@ def test_operations_keys(tmp_path):
     env = {**ENV, "MDCLOUD_API_KEY_FILE": str(key_file), "MDCLOUD_PROXY_ADMIN_PORT": "9902"}
     from_env = load_config(environ=env)
     assert (from_env.api_key, from_env.admin_port) == ("the-api-key", 9902)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "proxy.example"])
+def test_non_loopback_needs_inbound_protection(host):
+    env = {**ENV, "MDCLOUD_PROXY_LISTEN_HOST": host}
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=env)
+    assert str(info.value) == (
+        f"listen.host: {host} is not a loopback address, and anyone who can reach the proxy "
+        "acts as your MetaDefender account; set inbound.allowed_networks or inbound.keys, or "
+        "inbound.allow_unauthenticated: true to accept that"
+    )
+    key = "k" * 16
+    for protection in [
+        {"MDCLOUD_PROXY_INBOUND_ALLOWED_NETWORKS": "10.0.0.0/8, 192.168.0.0/16"},
+        {"MDCLOUD_PROXY_INBOUND_KEYS": key},
+        {"MDCLOUD_PROXY_INBOUND_ALLOW_UNAUTHENTICATED": "true"},
+    ]:
+        assert load_config(environ={**env, **protection}).host == host
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_loopback_needs_no_inbound_protection(host):
+    assert load_config(environ={**ENV, "MDCLOUD_PROXY_LISTEN_HOST": host}).host == host
+
+
+def test_inbound_keys(tmp_path):
+    keys = ["first-key-0123456789", "second-key-0123456789"]
+    path = tmp_path / "keys"
+    path.write_text("\n".join(keys) + "\n\n")
+    from_file = load_config(environ={**ENV, "MDCLOUD_PROXY_INBOUND_KEYS_FILE": str(path)})
+    from_env = load_config(environ={**ENV, "MDCLOUD_PROXY_INBOUND_KEYS": ",".join(keys)})
+    assert from_file.inbound_keys == from_env.inbound_keys == tuple(keys)
+    assert keys[0] not in repr(from_file)
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={**ENV, "MDCLOUD_PROXY_INBOUND_KEYS": "short-secret"})
+    assert str(info.value) == "inbound.keys: every key must be at least 16 characters long"
+    path.write_text("short-secret\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={**ENV, "MDCLOUD_PROXY_INBOUND_KEYS_FILE": str(path)})
+    assert str(info.value) == (
+        f"inbound.keys_file: {path}: every key must be at least 16 characters long"
+    )
 
 
 def test_bad_secret_type_does_not_quote_it(tmp_path):
