@@ -15,7 +15,8 @@ from aiohttp import web
 from .config import Config
 from .errors import error_response
 from .forward import Forwarder
-from .observe import Metrics, Traffic, readiness
+from .inbound import InboundGuard
+from .observe import OPS_ROUTE, Metrics, Traffic, readiness
 from .tokens import ClientCredentials, TokenCache
 
 __all__ = [
@@ -39,6 +40,7 @@ METRICS = web.AppKey("metrics", Metrics)
 TRAFFIC = web.AppKey("traffic", Traffic)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+FORWARD_ROUTE = "forward"
 
 # aiohttp defaults that would change what the caller sent or asked for.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -83,10 +85,13 @@ def _ops_routes(
             404, 404020, f"{request.path} is not an endpoint of the proxy (/-/ is reserved)"
         )
 
-    routes = [web.get("/-/healthy", healthy), web.get("/-/ready", ready)]
+    routes = [
+        web.get("/-/healthy", healthy, name=OPS_ROUTE + "healthy"),
+        web.get("/-/ready", ready, name=OPS_ROUTE + "ready"),
+    ]
     if metrics:
-        routes.append(web.get("/-/metrics", render))
-    return [*routes, web.route("*", "/-/{tail:.*}", unknown)]
+        routes.append(web.get("/-/metrics", render, name=OPS_ROUTE + "metrics"))
+    return [*routes, web.route("*", "/-/{tail:.*}", unknown, name=OPS_ROUTE + "unknown")]
 
 
 def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
@@ -97,12 +102,27 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
     """
     metrics, traffic = Metrics(), Traffic()
 
+    inbound = InboundGuard(
+        config.allowed_networks,
+        config.inbound_keys,
+        refused=lambda reason: metrics.inbound_refusals.labels(reason).inc(),
+    )
+
     # The guard is a middleware so that it also sees what the router cannot match: CONNECT's
-    # authority-form and '*' targets.
+    # authority-form and '*' targets. Who asks is checked before what is asked, and only then
+    # is the body asked for (100 Continue).
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        refusal = request.app[FORWARDER].refuse(request)
-        return refusal if refusal is not None else await handler(request)
+        forwarded = request.match_info.route.name == FORWARD_ROUTE
+        refusal: web.StreamResponse | None = inbound.refusal(request) if forwarded else None
+        if refusal is None:
+            refusal = request.app[FORWARDER].refuse(request)
+        if refusal is not None:
+            return refusal
+        continues = request.headers.get("Expect", "").lower() == "100-continue"
+        if forwarded and continues and request.version >= aiohttp.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return await handler(request)
 
     app = web.Application(middlewares=[metrics.middleware(traffic), guard])
     app[METRICS], app[TRAFFIC] = metrics, traffic
@@ -143,11 +163,14 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
         return await request.app[FORWARDER](request)
 
     async def expect(request: web.Request) -> web.StreamResponse | None:
-        return await request.app[FORWARDER].expect(request)
+        # Runs before the middlewares; the guard sends 100 Continue once it lets the request in.
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error_response(417, 417001, "only 'Expect: 100-continue' is supported")
+        return None
 
     app.cleanup_ctx.append(lifecycle)
     app.add_routes(_ops_routes(app, clock, metrics=config.admin_port is None))
-    app.router.add_route("*", "/{tail:.*}", forward, expect_handler=expect)
+    app.router.add_route("*", "/{tail:.*}", forward, expect_handler=expect, name=FORWARD_ROUTE)
     return app
 
 

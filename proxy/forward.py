@@ -14,6 +14,7 @@ from yarl import URL
 
 from .body import ReplayableBody
 from .errors import ProxyError, TokenError, describe, error_response
+from .inbound import KEY_HEADER
 from .observe import REPLAY, SENT, Metrics, request_target
 from .tokens import Token, TokenCache
 
@@ -35,8 +36,22 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Host is the upstream's, framing is aiohttp's, Expect is answered here, Authorization is ours.
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "authorization"}
+# Host is the upstream's, framing is aiohttp's, Expect is answered here, Authorization is ours,
+# the proxy key is for the proxy. Forwarding headers would tell a third party about internal
+# addresses, and a caller could spoof them.
+_NOT_FORWARDED = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "authorization",
+    KEY_HEADER.lower(),
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+}
 _NOT_RETURNED = HOP_BY_HOP | {"content-length"}
 TOKEN_REFUSED_CODES = frozenset({401009, 401010})
 _PEEK_LIMIT = 64 * 1024
@@ -142,17 +157,6 @@ class Forwarder:
 
     def __repr__(self) -> str:
         return f"Forwarder(upstream_url={self._base!r})"
-
-    async def expect(self, request: web.Request) -> web.StreamResponse | None:
-        """Answer ``Expect: 100-continue`` here, refusing a body that is too large up front."""
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            return error_response(417, 417001, "only 'Expect: 100-continue' is supported")
-        refusal = self.refuse(request)
-        if refusal is not None:
-            return refusal
-        if request.version >= aiohttp.HttpVersion11:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return None
 
     def refuse(self, request: web.Request) -> web.StreamResponse | None:
         """The answer to a request that must not be forwarded, or None for one that may be."""

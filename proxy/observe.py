@@ -25,7 +25,7 @@ from prometheus_client import (
 from .errors import TokenError, error_response
 from .tokens import Token, TokenCache
 
-__all__ = ["REPLAY", "SENT", "Metrics", "Traffic", "readiness", "request_target"]
+__all__ = ["OPS_ROUTE", "REPLAY", "SENT", "Metrics", "Traffic", "readiness", "request_target"]
 
 log = logging.getLogger("mdcloud_proxy.access")
 Clock = Callable[[], float]
@@ -35,6 +35,9 @@ Clock = Callable[[], float]
 REPLAY = web.RequestKey("replay", str)
 SENT = web.RequestKey("sent", int)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Route names of the proxy's own /-/ endpoints start with this: they are not counted as
+# requests, and logged only at DEBUG.
+OPS_ROUTE = "ops:"
 # nginx's code for "the caller closed the connection before the answer was sent".
 CALLER_GONE = 499
 
@@ -119,6 +122,12 @@ class Metrics:
             "Seconds until the current access token expires; 0 when none is held.",
             registry=self.registry,
         )
+        self.inbound_refusals = Counter(
+            prefix + "inbound_refusals",
+            "Callers refused by the inbound checks, by reason (network, missing_key, wrong_key).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.bytes_in = Counter(
             prefix + "request_bytes",
             "Request body bytes received from callers.",
@@ -133,6 +142,8 @@ class Metrics:
             self.replays.labels(outcome)
         for outcome in ("ok", "error", "rejected"):
             self.token_fetches.labels(outcome)
+        for reason in ("network", "missing_key", "wrong_key"):
+            self.inbound_refusals.labels(reason)
 
     def watch(self, traffic: Traffic, current: Callable[[], Token | None], clock: Clock) -> None:
         """Read the in-flight count and the token's remaining life when scraped."""
@@ -169,7 +180,7 @@ class Metrics:
 
         @web.middleware
         async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if request.path.startswith("/-/"):
+            if (request.match_info.route.name or "").startswith(OPS_ROUTE):
                 answer = await handler(request)
                 log.debug("%s %s -> %d", request.method, request_target(request), answer.status)
                 return answer

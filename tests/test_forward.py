@@ -32,6 +32,9 @@ def raw_get(target: str, *headers: str, host: str = "127.0.0.1") -> bytes:
         "/v4/url/https%3A%2F%2Fexample.com%2F%3Fq%3D1",
         "/v4/%7euser?a=%7e&b=+&c=%2F&d=%2f&e",
         "/v4/a;b=c/@evil.example",
+        "/\\evil.example/x",
+        "/v4/x\\..\\y",
+        "/@evil.example:443/x",
     ],
 )
 async def test_path_and_query_arrive_byte_for_byte(sim, upstream, proxy, target):
