@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -151,23 +152,36 @@ async def _run_simulator(sim: Simulator, host: str, port: int) -> None:
 
 
 async def _run_demo(host: str, port: int) -> None:
-    # Tokens live 60 s but the simulator drops them after 20 s, so within a minute of
-    # use the proxy shows both a refresh ahead of expiry and an expired-token replay.
-    sim = Simulator(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, token_lifetime=60, revoke_after=20)
-    sim_runner = await serve(sim.app(), "127.0.0.1", 0)
-    upstream = f"http://127.0.0.1:{sim_runner.addresses[0][1]}"
+    # Checked before anything starts, like any configuration.
     config = load_config(
         environ={},
         overrides={
             "listen.host": host,
             "listen.port": port,
-            "upstream.url": upstream,
             "oauth.client_id": DEMO_CLIENT_ID,
             "oauth.client_secret": DEMO_CLIENT_SECRET,
         },
     )
-    proxy_runner = await serve(create_app(config), config.host, config.port)
-    base = f"http://{config.host}:{proxy_runner.addresses[0][1]}"
+    # Tokens live 60 s but the simulator drops them after 20 s, so within a minute of
+    # use the proxy shows both a refresh ahead of expiry and an expired-token replay.
+    sim = Simulator(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, token_lifetime=60, revoke_after=20)
+    sim_runner = await serve(sim.app(), "127.0.0.1", 0)
+    try:
+        upstream = f"http://127.0.0.1:{sim_runner.addresses[0][1]}"
+        config = dataclasses.replace(
+            config, upstream_url=upstream, token_url=upstream + "/v4/oauth2/token"
+        )
+        proxy_runner = await _listen(create_app(config), config.host, config.port, "")
+        try:
+            _print_demo_help(f"http://{config.host}:{proxy_runner.addresses[0][1]}", upstream)
+            await _wait_for_signal()
+        finally:
+            await proxy_runner.cleanup()
+    finally:
+        await sim_runner.cleanup()
+
+
+def _print_demo_help(base: str, upstream: str) -> None:
     print(
         f"""
 mdcloud-proxy demo: the proxy on {base} forwards to a local MetaDefender Cloud simulator
@@ -184,16 +198,22 @@ None of these carries a credential: the proxy adds the bearer token. Ctrl-C stop
 """,
         flush=True,
     )
-    try:
-        await _wait_for_signal()
-    finally:
-        await proxy_runner.cleanup()
-        await sim_runner.cleanup()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mdcloud-proxy`` command."""
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except ConfigError as exc:
+        print(f"mdcloud-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ListenError as exc:
+        print(f"mdcloud-proxy: {exc}", file=sys.stderr)
+        return 1
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "simulator" or args.demo:
         setup_logging(args.log_level or "INFO", args.log_format or "text")
         if args.command == "simulator":
@@ -206,9 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             asyncio.run(_run_simulator(sim, args.sim_host, args.sim_port))
         else:
-            asyncio.run(
-                _run_demo(args.host or "127.0.0.1", 8080 if args.port is None else args.port)
-            )
+            port = 8080 if args.port is None else args.port
+            asyncio.run(_run_demo(args.host or "127.0.0.1", port))
         return 0
     overrides = {
         "listen.host": args.host,
@@ -216,19 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "log.level": args.log_level,
         "log.format": args.log_format,
     }
-    try:
-        config = load_config(args.config, os.environ, overrides)
-    except ConfigError as exc:
-        print(f"mdcloud-proxy: configuration error: {exc}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, os.environ, overrides)
     setup_logging(config.log_level, config.log_format)
     if args.command == "check":
         return 0 if asyncio.run(check(config, sys.stdout)) else 1
     if args.command == "token":
         return 0 if asyncio.run(print_token(config, sys.stdout, sys.stderr)) else 1
-    try:
-        asyncio.run(_run_proxy(config))
-    except ListenError as exc:
-        print(f"mdcloud-proxy: {exc}", file=sys.stderr)
-        return 1
+    asyncio.run(_run_proxy(config))
     return 0
