@@ -14,10 +14,14 @@ FROM ${BASE_IMAGE}
 COPY --from=build /opt/mdcloud-proxy /opt/mdcloud-proxy
 # Inside a container the proxy must listen on all interfaces to be reachable through a
 # published port or from the other containers of a pod; publish it on 127.0.0.1 on the host.
+# Anyone who reaches it acts as the MetaDefender account, so by default only loopback and
+# private addresses (container networks, pods) may use it; override the list, or add
+# MDCLOUD_PROXY_INBOUND_KEYS, for anything wider.
 ENV PATH=/opt/mdcloud-proxy/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MDCLOUD_PROXY_LISTEN_HOST=0.0.0.0 \
-    MDCLOUD_PROXY_LISTEN_PORT=8080
+    MDCLOUD_PROXY_LISTEN_PORT=8080 \
+    MDCLOUD_PROXY_INBOUND_ALLOWED_NETWORKS=127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7
 # No user database entry is needed to run as an unprivileged user.
 USER 10001:10001
 EXPOSE 8080

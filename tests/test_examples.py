@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 
 import yaml
 
-from proxy.config import CONFIG_ENV, KEYS, Config
+from proxy.config import CONFIG_ENV, KEYS, Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 KNOWN_ENV = {spec.env for spec in KEYS.values()} | {CONFIG_ENV}
@@ -50,3 +51,20 @@ def test_kubernetes_sidecar():
     (item,) = volume["secret"]["items"]
     assert env["MDCLOUD_CLIENT_SECRET_FILE"] == f"{mounts[volume['name']]}/{item['path']}"
     assert mounts["tmp"] == "/tmp"  # a read-only root still has room for replay spill files
+
+
+def test_image_defaults_are_a_valid_configuration():
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    (env_line,) = [line for line in text.splitlines() if line.startswith("ENV ")]
+    env = dict(pair.split("=", 1) for pair in env_line.split()[1:])
+    config = load_config(environ={**env, "MDCLOUD_CLIENT_ID": "x", "MDCLOUD_CLIENT_SECRET": "y"})
+    assert (config.host, config.port) == ("0.0.0.0", 8080)
+    assert config.inbound_keys == () and not config.allow_unauthenticated
+
+    def allowed(address: str) -> bool:
+        return any(ipaddress.ip_address(address) in net for net in config.allowed_networks)
+
+    for inside in ("127.0.0.1", "172.17.0.1", "10.244.1.7", "192.168.65.1", "::1", "fd00::5"):
+        assert allowed(inside), inside
+    for outside in ("8.8.8.8", "203.0.113.9", "2001:db8::1"):
+        assert not allowed(outside), outside
