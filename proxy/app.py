@@ -16,6 +16,7 @@ from .config import Config
 from .errors import error_response
 from .forward import Forwarder
 from .inbound import InboundGuard
+from .logs import HTTP_LOG
 from .observe import OPS_ROUTE, Metrics, Traffic, readiness
 from .tokens import ClientCredentials, TokenCache
 
@@ -195,6 +196,7 @@ async def serve(
         handler_cancellation=True,  # a caller that hangs up cancels its upstream request
         auto_decompress=False,  # bodies are opaque bytes, passed on as sent
         access_log=None,
+        logger=HTTP_LOG,  # malformed requests: one line, never their bytes
     )
     await runner.setup()
     try:
