@@ -167,6 +167,13 @@ class Forwarder:
             return error_response(
                 400, 400002, "the request target must be a path such as /v4/apikey/"
             )
+        if request.version < aiohttp.HttpVersion11 and "Transfer-Encoding" in request.headers:
+            # RFC 9112 6.1: its framing is faulty; answer, then close the connection.
+            refusal = error_response(
+                400, 400003, "Transfer-Encoding is not allowed in an HTTP/1.0 request"
+            )
+            refusal.force_close()
+            return refusal
         length = request.content_length
         if length is not None and length > self._max_body_size:
             return error_response(
