@@ -22,6 +22,7 @@ def raw_get(target: str, *headers: str, host: str = "127.0.0.1") -> bytes:
     return "\r\n".join(lines).encode("latin-1")
 
 
+@pytest.mark.security
 @pytest.mark.parametrize(
     "target",
     [
@@ -45,6 +46,7 @@ async def test_path_and_query_arrive_byte_for_byte(sim, upstream, proxy, target)
     assert seen.header("Host") == [upstream.removeprefix("http://")]
 
 
+@pytest.mark.security
 @pytest.mark.parametrize(
     ("request_line", "status"),
     [

@@ -9,6 +9,8 @@ import pytest
 from .conftest import raw_exchange
 from .test_ops import scrape
 
+pytestmark = pytest.mark.security
+
 KEY = "inbound-key-0123456789"
 OTHER_KEY = "other-inbound-key-0123456789"
 TOKEN_PATH = "/v4/oauth2/token"

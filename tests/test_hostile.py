@@ -1,0 +1,119 @@
+"""Hostile and malformed requests: refused before anything reaches the upstream.
+
+CI runs this file (marker ``security``) twice: with aiohttp's C parser and with its pure-Python
+parser (``AIOHTTP_NO_EXTENSIONS=1``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import aiohttp.http_parser
+import pytest
+
+from .conftest import raw_exchange
+
+pytestmark = pytest.mark.security
+
+PURE_PYTHON = bool(os.environ.get("AIOHTTP_NO_EXTENSIONS"))
+SECRET = "hostile-secret-0123456789"
+POST = b"POST /v4/file HTTP/1.1\r\nHost: x\r\n"
+GET = b"GET /v4/apikey/ HTTP/1.1\r\nHost: x\r\n"
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+MALFORMED = {
+    "content-length with transfer-encoding": POST
+    + b"Content-Length: 5\r\n"
+    + CHUNKED
+    + b"\r\n0\r\n\r\n",
+    "two different content-lengths": POST + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "two equal content-lengths": POST + b"Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    "signed content-length +": POST + b"Content-Length: +5\r\n\r\nhello",
+    "signed content-length -": POST + b"Content-Length: -5\r\n\r\nhello",
+    "content-length list": POST + b"Content-Length: 5, 5\r\n\r\nhello",
+    "transfer-encoding chunked, identity": POST
+    + b"Transfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "transfer-encoding xchunked": POST
+    + b"Transfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "space before colon": POST + b"Transfer-Encoding : chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "vertical tab in transfer-encoding": POST
+    + b"Transfer-Encoding:\x0bchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "two transfer-encodings": POST + CHUNKED + CHUNKED + b"\r\n5\r\nhello\r\n0\r\n\r\n",
+    "transfer-encoding in HTTP/1.0": b"POST /v4/file HTTP/1.0\r\nHost: x\r\n"
+    + CHUNKED
+    + b"\r\n5\r\nhello\r\n0\r\n\r\n",
+    "obs-fold": GET + b"X-A: a\r\n b\r\n\r\n",
+    "bare LF everywhere": b"POST /v4/file HTTP/1.1\nHost: x\nContent-Length: 5\n\nhello",
+    "one bare LF": b"GET /v4/apikey/ HTTP/1.1\r\nHost: x\nX-A: b\r\n\r\n",
+    "NUL in a value": GET + b"X-Proxy-Key: " + SECRET.encode() + b"\x00\r\n\r\n",
+    "CR in a value": GET + b"X-A: " + SECRET.encode() + b"\rb\r\n\r\n",
+    "oversize header": GET + b"X-A: " + b"a" * 10000 + b"\r\n\r\n",
+    "too many headers": GET + b"".join(b"X-%d: a\r\n" % i for i in range(200)) + b"\r\n",
+    "0x chunk size": POST + CHUNKED + b"\r\n0x5\r\nhello\r\n0\r\n\r\n",
+    "bare LF after chunk size": POST + CHUNKED + b"\r\n5\nhello\n0\n\n",
+    "space in a header name": GET + b"X A: b\r\n\r\n",
+    "space in the target": b"GET /v4/api key/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    "no Host": b"GET /v4/apikey/ HTTP/1.1\r\n\r\n",
+    "two Hosts": GET + b"Host: y\r\n\r\n",
+    "bad version": b"GET /v4/apikey/ HTTP/1.x\r\nHost: x\r\n\r\n",
+    "bad method": b"G(T /v4/apikey/ HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+def api_requests(sim):
+    return [r for r in sim.requests if r.raw_path != "/v4/oauth2/token"]
+
+
+def test_the_parser_under_test():
+    """The default run uses the C parser; the other run really uses the pure-Python one."""
+    module = aiohttp.http_parser.HttpRequestParser.__module__
+    assert module == ("aiohttp.http_parser" if PURE_PYTHON else "aiohttp._http_parser")
+
+
+@pytest.mark.parametrize("request_bytes", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_requests_never_reach_the_upstream(
+    sim, proxy, client, caplog, request_bytes
+):
+    caplog.set_level(logging.INFO)
+    resp = await raw_exchange(proxy.port, request_bytes + b"")
+    assert resp.status in (400, 431)
+    assert api_requests(sim) == []
+    # one short line, no traceback, no bytes of the request
+    assert SECRET not in caplog.text
+    assert "Traceback" not in caplog.text
+    async with client.get(proxy.url + "/v4/apikey/") as ok:
+        assert ok.status == 200
+
+
+async def test_huge_chunk_size(sim, proxy, client):
+    """A chunk size beyond 2**64: the C parser refuses it at once; the pure-Python parser
+    takes it as a very long chunk, so the request may start upstream, but it never completes
+    there and the proxy stays healthy."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(POST + CHUNKED + b"\r\nffffffffffffffffffff\r\nhello\r\n0\r\n\r\n")
+    await writer.drain()
+    try:
+        async with asyncio.timeout(1):
+            head = await reader.read(100)
+    except TimeoutError:
+        head = b""
+    writer.close()
+    if not PURE_PYTHON:
+        assert head.startswith(b"HTTP/1.1 400 ") or head.startswith(b"HTTP/1.0 400 ")
+        assert api_requests(sim) == []
+    await asyncio.sleep(0.2)
+    assert all(r.body_sha256 is None for r in api_requests(sim))
+    async with client.get(proxy.url + "/v4/apikey/") as ok:
+        assert ok.status == 200
+
+
+async def test_oversize_chunked_body_is_cut_off(sim, make_proxy):
+    proxy = await make_proxy(**{"limits.max_body_size": 1000})
+    chunk = b"%x\r\n%s\r\n" % (600, b"a" * 600)
+    resp = await raw_exchange(
+        proxy.port, POST + CHUNKED + b"Connection: close\r\n\r\n" + chunk * 2 + b"0\r\n\r\n"
+    )
+    assert resp.status == 413
+    assert all(r.body_sha256 is None for r in api_requests(sim))
