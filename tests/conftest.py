@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -183,6 +184,23 @@ async def eventually(condition: Callable[[], object], within: float = 5.0) -> No
     async with asyncio.timeout(within):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+def open_deleted_files() -> set[str]:
+    """Open descriptors of this process that point at deleted files in the temp directory.
+
+    TemporaryFile has no name on disk (O_TMPFILE, or unlinked at once), so this is how a
+    spill file shows. Compare with a baseline: pytest's output capture uses such files too.
+    """
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(tempfile.gettempdir()) and target.endswith("(deleted)"):
+            found.add(target)
+    return found
 
 
 def random_payload(size: int) -> tuple[bytes, str]:

@@ -10,7 +10,7 @@ import tempfile
 import pytest
 from yarl import URL
 
-from .conftest import chunks, random_payload
+from .conftest import chunks, open_deleted_files, random_payload
 
 MiB = 1024 * 1024
 
@@ -18,23 +18,6 @@ MiB = 1024 * 1024
 async def warm_up(client, proxy) -> None:
     async with client.get(proxy.url + "/v4/apikey/") as resp:
         assert resp.status == 200
-
-
-def open_deleted_files() -> set[str]:
-    """Open descriptors of this process that point at deleted files in the temp directory.
-
-    TemporaryFile has no name on disk (O_TMPFILE, or unlinked at once), so this is how a
-    spill file shows. Compare with a baseline: pytest's output capture uses such files too.
-    """
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(tempfile.gettempdir()) and target.endswith("(deleted)"):
-            found.add(target)
-    return found
 
 
 @pytest.mark.parametrize("early", [False, True], ids=["late-401", "early-401-and-close"])

@@ -1,0 +1,343 @@
+"""Faults on either side: the caller gets a clear answer, the proxy leaks nothing and serves on.
+
+Each fault runs several times in a row: a descriptor, socket or temporary file leaked per
+occurrence would show as growth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .conftest import chunks, eventually, open_deleted_files
+
+REPEAT = 8
+# A token fetch that fails is retried inside the fetch, with real pauses of about a second.
+TOKEN_REPEAT = 3
+SLACK_FDS = 4  # pooled keep-alive connections may come and go: two descriptors each here
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def assert_no_leak_over_repeats(
+    fault: Callable[[], Awaitable[None]],
+    healthy: Callable[[], Awaitable[None]],
+    repeat: int = REPEAT,
+) -> None:
+    """Run ``fault`` once to warm up, then ``repeat`` times; descriptors and temp files must
+    not grow, and the proxy must serve after each."""
+    await fault()
+    await healthy()
+    fds, temp_files = open_fds(), open_deleted_files()
+    for _ in range(repeat):
+        await fault()
+        await healthy()
+    await eventually(lambda: open_fds() <= fds + SLACK_FDS)
+    await eventually(lambda: open_deleted_files() <= temp_files)
+
+
+async def md_error(resp: aiohttp.ClientResponse) -> tuple[int, int, str]:
+    body = await resp.json()
+    (message,) = body["error"]["messages"]
+    assert message.startswith("mdcloud-proxy: ")
+    return resp.status, body["error"]["code"], message
+
+
+class RawServer:
+    """A TCP server whose per-connection behaviour is one coroutine."""
+
+    def __init__(
+        self, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+    ):
+        self._serve = serve
+        self.connections = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self._serve(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def raw_server():
+    servers: list[RawServer] = []
+
+    async def _make(serve) -> tuple[RawServer, str]:
+        server = RawServer(serve)
+        servers.append(server)
+        return server, await server.start()
+
+    yield _make
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+def healthy(client, upstream):
+    """A check that a proxy still serves: its health endpoint and a real call."""
+
+    def for_proxy(proxy) -> Callable[[], Awaitable[None]]:
+        async def check() -> None:
+            async with client.get(proxy.url + "/-/healthy") as resp:
+                assert resp.status == 200
+
+        return check
+
+    return for_proxy
+
+
+# -- the token endpoint ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failure", "status", "code", "phrase"),
+    [
+        ((500, b"oops"), 503, 503010, "token endpoint answered HTTP 500"),
+        ((429, b"{}", {"Retry-After": "30"}), 503, 503010, "token endpoint answered HTTP 429"),
+        ((200, b"<html>login</html>"), 502, 502010, "not JSON"),
+        ((200, b'{"token_type":"Bearer"}'), 502, 502010, "has no access_token"),
+        ((400, b'{"error":"invalid_client"}'), 502, 502010, "rejected the client credentials"),
+    ],
+    ids=["500", "429", "garbage", "no-token", "invalid_client"],
+)
+async def test_token_endpoint_faults(
+    sim, clock, make_proxy, client, healthy, failure, status, code, phrase
+):
+    sim.token_failure = failure
+    proxy = await make_proxy()
+
+    async def fault() -> None:
+        clock.advance(1000)  # past any backoff, so that each round asks the endpoint again
+        async with client.get(proxy.url + "/v4/apikey/") as resp:
+            got = await md_error(resp)
+        assert got[:2] == (status, code)
+        assert phrase in got[2]
+
+    await assert_no_leak_over_repeats(fault, healthy(proxy), TOKEN_REPEAT)
+    assert not any(r.raw_path == "/v4/apikey/" for r in sim.requests)
+    sim.token_failure = None
+    clock.advance(1000)
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200, "it recovers once the endpoint does"
+
+
+async def test_token_endpoint_down_and_slow(
+    make_proxy, handler_upstream, unused_tcp_port, client, healthy, clock
+):
+    down = await make_proxy(**{"oauth.token_url": f"http://127.0.0.1:{unused_tcp_port}/t"})
+
+    async def stall(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    slow_url = await handler_upstream(stall)
+    slow = await make_proxy(**{"oauth.token_url": slow_url + "/t", "upstream.read_timeout": 0.2})
+    for proxy, phrase in [(down, "unreachable: Connection refused"), (slow, "timed out")]:
+
+        async def fault(proxy=proxy, phrase=phrase) -> None:
+            clock.advance(1000)
+            async with client.get(proxy.url + "/v4/apikey/") as resp:
+                got = await md_error(resp)
+                assert resp.headers["Retry-After"].isdigit()
+            assert got[:2] == (503, 503010)
+            assert phrase in got[2]
+
+        await assert_no_leak_over_repeats(fault, healthy(proxy), TOKEN_REPEAT)
+
+
+async def test_token_requests_stay_bounded_while_the_endpoint_fails(sim, clock, make_proxy, client):
+    """A failing token endpoint is asked with growing, jittered pauses, however many callers
+    keep coming: never more than three tries per fetch and fetches 1, 2, 4, 8 ... s apart."""
+    sim.token_failure = (503, b"down")
+    proxy = await make_proxy()
+    for _ in range(30):  # 30 s of 10 callers a second
+        statuses = await asyncio.gather(
+            *(get_status(client, proxy.url + "/v4/apikey/") for _ in range(10))
+        )
+        assert set(statuses) == {503}
+        clock.advance(1)
+    # fetches at about 0, 1, 3, 7, 15 (and 31) s: at most 6 of them, 3 tries each
+    assert 9 <= sim.token_requests <= 18
+
+
+async def get_status(client, url: str) -> int:
+    async with client.get(url) as resp:
+        await resp.read()
+        return resp.status
+
+
+# -- the upstream ------------------------------------------------------------------------------
+
+
+async def test_upstream_refusing_connections(proxy_before, unused_tcp_port, client, healthy):
+    proxy = await proxy_before(f"http://127.0.0.1:{unused_tcp_port}")
+
+    async def fault() -> None:
+        async with client.get(proxy.url + "/v4/apikey/") as resp:
+            got = await md_error(resp)
+        assert got[:2] == (502, 502001)
+        assert "cannot connect to upstream 127.0.0.1" in got[2]
+
+    await assert_no_leak_over_repeats(fault, healthy(proxy))
+
+
+async def test_upstream_resetting_mid_upload(proxy_before, raw_server, client, healthy):
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(64 * 1024)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    server, url = await raw_server(reset)
+    proxy = await proxy_before(url, **{"replay.memory_limit": 1024})
+    data = os.urandom(2 * 1024 * 1024)
+
+    async def fault() -> None:
+        async with client.post(proxy.url + "/v4/file", data=chunks(data)) as resp:
+            got = await md_error(resp)
+        assert got[:2] == (502, 502003)
+
+    await assert_no_leak_over_repeats(fault, healthy(proxy))
+    assert server.connections == 2 * (REPEAT + 1), "each upload was tried twice, no more"
+
+
+async def test_upstream_stalling_past_read_timeout(proxy_before, raw_server, client, healthy):
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read()  # say nothing until the proxy gives up and hangs up
+
+    _, url = await raw_server(stall)
+    proxy = await proxy_before(url, **{"upstream.read_timeout": 0.2})
+
+    async def fault() -> None:
+        async with client.get(proxy.url + "/v4/apikey/") as resp:
+            got = await md_error(resp)
+        assert got[:2] == (504, 504001)
+
+    await assert_no_leak_over_repeats(fault, healthy(proxy))
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 OK\r\nContent-Length: 0\r\n\r\n",
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nX-A: a\x00b\r\n\r\nx",
+        b"",
+    ],
+    ids=["cl-and-te", "no-status-code", "garbage", "nul-in-header", "nothing"],
+)
+async def test_malformed_upstream_answers_are_a_502(
+    proxy_before, raw_server, client, healthy, answer
+):
+    async def answer_with(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+
+    _, url = await raw_server(answer_with)
+    proxy = await proxy_before(url)
+
+    async def fault() -> None:
+        async with client.get(proxy.url + "/v4/apikey/") as resp:
+            got = await md_error(resp)
+        assert got[:2] == (502, 502003)
+
+    await assert_no_leak_over_repeats(fault, healthy(proxy))
+
+
+async def test_upstream_closing_mid_answer_aborts_the_caller(
+    proxy_before, raw_server, client, healthy
+):
+    async def truncate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000)
+        await writer.drain()
+
+    _, url = await raw_server(truncate)
+    proxy = await proxy_before(url)
+
+    async def fault() -> None:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with client.get(proxy.url + "/v4/file/x") as resp:
+                assert resp.status == 200
+                await resp.read()
+
+    await assert_no_leak_over_repeats(fault, healthy(proxy))
+
+
+async def test_upstream_closing_a_kept_alive_connection(proxy_before, raw_server, client):
+    """A server may close an idle connection just as the next request arrives on it; a
+    request without a body is then sent again on a new connection (RFC 9112 9.3.1)."""
+
+    async def one_answer_per_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # the next request: hang up without answering
+
+    server, url = await raw_server(one_answer_per_connection)
+    proxy = await proxy_before(url)
+    for _ in range(5):
+        async with client.get(proxy.url + "/v4/apikey/") as resp:
+            assert (resp.status, await resp.read()) == (200, b"ok")
+    assert server.connections >= 5
+
+
+# -- the caller --------------------------------------------------------------------------------
+
+
+async def test_caller_hanging_up_mid_download(proxy_before, handler_upstream, client, healthy):
+    ended: list[str] = []
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 1 << 40
+        await resp.prepare(request)
+        try:
+            while True:
+                await resp.write(b"x" * 65536)
+                await asyncio.sleep(0.001)
+        except (ConnectionError, asyncio.CancelledError):
+            ended.append("stopped")
+            raise
+
+    proxy = await proxy_before(await handler_upstream(endless))
+
+    async def fault() -> None:
+        before = len(ended)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /v4/file/x HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readexactly(256 * 1024)
+        writer.close()
+        await eventually(lambda: len(ended) > before)  # the upstream stops sending too
+
+    await assert_no_leak_over_repeats(fault, healthy(proxy))
