@@ -83,6 +83,7 @@ class Simulator:
     token_requests: int = 0
     requests: list[SeenRequest] = field(default_factory=list)
     issued_tokens: list[str] = field(default_factory=list, repr=False)
+    expired_tokens: set[str] = field(default_factory=set, repr=False)  # answered with 401009
     _tokens: dict[str, float] = field(default_factory=dict, repr=False)
     _uploads: dict[str, _Upload] = field(default_factory=dict, repr=False)
 
@@ -175,6 +176,7 @@ class Simulator:
         if expires is None:
             return md_error(401, 401010, "OAuth token is invalid")
         if self.clock() >= expires:
+            self.expired_tokens.add(token)
             return md_error(401, 401009, "OAuth token has expired")
         return None
 
