@@ -42,6 +42,8 @@ TRAFFIC = web.AppKey("traffic", Traffic)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FORWARD_ROUTE = "forward"
+# Not '.*': routes match the decoded path, and '.' would not match an encoded newline (%0A).
+ANY_PATH = r"{tail:[\s\S]*}"
 
 # aiohttp defaults that would change what the caller sent or asked for.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -92,7 +94,7 @@ def _ops_routes(
     ]
     if metrics:
         routes.append(web.get("/-/metrics", render, name=OPS_ROUTE + "metrics"))
-    return [*routes, web.route("*", "/-/{tail:.*}", unknown, name=OPS_ROUTE + "unknown")]
+    return [*routes, web.route("*", "/-/" + ANY_PATH, unknown, name=OPS_ROUTE + "unknown")]
 
 
 def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
@@ -171,7 +173,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
 
     app.cleanup_ctx.append(lifecycle)
     app.add_routes(_ops_routes(app, clock, metrics=config.admin_port is None))
-    app.router.add_route("*", "/{tail:.*}", forward, expect_handler=expect, name=FORWARD_ROUTE)
+    app.router.add_route("*", "/" + ANY_PATH, forward, expect_handler=expect, name=FORWARD_ROUTE)
     return app
 
 

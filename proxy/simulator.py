@@ -101,7 +101,7 @@ class Simulator:
         app.router.add_get("/v4/hash/{hash}", self._hash_report)
         app.router.add_get("/v4/apikey/", self._apikey_info)
         app.router.add_get("/v4/apikey/limits/status", self._limits)
-        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._not_found)
         return app
 
     @web.middleware

@@ -36,6 +36,7 @@ def raw_get(target: str, *headers: str, host: str = "127.0.0.1") -> bytes:
         "/\\evil.example/x",
         "/v4/x\\..\\y",
         "/@evil.example:443/x",
+        "/v4/url/a%0Ab%0d%00",
     ],
 )
 async def test_path_and_query_arrive_byte_for_byte(sim, upstream, proxy, target):

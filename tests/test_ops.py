@@ -112,7 +112,7 @@ async def test_idle_proxy_keeps_its_token_fresh(start, client):
 
 
 async def test_reserved_paths_are_never_forwarded(sim, proxy, client):
-    for path in ("/-/", "/-/nope", "/-/metrics/x"):
+    for path in ("/-/", "/-/nope", "/-/metrics/x", "/-/%0A"):
         async with client.post(proxy.url + path, data=b"x") as resp:
             assert resp.status == 404
             body = await resp.json()
