@@ -59,16 +59,23 @@ _PEEK_LIMIT = 64 * 1024
 
 def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
     """A copy of ``headers`` in order, without ``drop`` and whatever Connection names."""
-    named = {
-        name.strip().lower()
-        for value in headers.getall("Connection", ())
-        for name in value.split(",")
-    }
+    connection = headers.getall("Connection", ())
+    if connection:
+        drop = drop | {name.strip().lower() for value in connection for name in value.split(",")}
     return CIMultiDict(
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in drop and name.lower() not in named
+        [(name, value) for name, value in headers.items() if name.lower() not in drop]
     )
+
+
+class _Relayed(web.StreamResponse):
+    """A streamed answer whose headers go out with its first body bytes, in one write.
+
+    aiohttp's StreamResponse sends its headers on their own at prepare(); one write fewer per
+    answer is measurable (bench/). The attribute is aiohttp's (it is what web.Response sets);
+    without it the headers would only go out separately again.
+    """
+
+    _send_headers_immediately = False
 
 
 def token_refused(status: int, headers: CIMultiDictProxy[str], body: bytes) -> bool:
@@ -296,7 +303,7 @@ class Forwarder:
         self, request: web.Request, resp: aiohttp.ClientResponse, peeked: bytes
     ) -> web.StreamResponse:
         """Stream the upstream answer to the caller; abort the connection if it breaks off."""
-        out = web.StreamResponse(
+        out = _Relayed(
             status=resp.status, reason=resp.reason, headers=_filtered(resp.headers, _NOT_RETURNED)
         )
         out.content_length = resp.content_length
