@@ -144,6 +144,7 @@ class Metrics:
             self.token_fetches.labels(outcome)
         for reason in ("network", "missing_key", "wrong_key"):
             self.inbound_refusals.labels(reason)
+        self._request_counters: dict[tuple[str, int], Counter] = {}
 
     def watch(self, traffic: Traffic, current: Callable[[], Token | None], clock: Clock) -> None:
         """Read the in-flight count and the token's remaining life when scraped."""
@@ -212,13 +213,20 @@ class Metrics:
         duration: float,
     ) -> None:
         method = request.method if request.method in _METHODS else "other"
-        self.requests.labels(method, f"{status // 100}xx").inc()
+        key = (method, status // 100)
+        counter = self._request_counters.get(key)
+        if counter is None:  # labels() costs more than the increment: keep the children
+            counter = self._request_counters[key] = self.requests.labels(method, f"{key[1]}xx")
+        counter.inc()
         received = request.content.total_bytes
         sent = request.get(SENT)
         if sent is None:
             sent = (response.content_length or 0) if response is not None else 0
-        self.bytes_in.inc(received)
+        if received:
+            self.bytes_in.inc(received)
         self.bytes_out.inc(sent)
+        if not log.isEnabledFor(logging.INFO):
+            return
         fields = {
             "method": request.method,
             "path": request_target(request),
