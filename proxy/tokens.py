@@ -190,6 +190,10 @@ class TokenCache:
         self._error: TokenError | None = None
         self._next_attempt = float("-inf")
         self.failing_since: float | None = None  # wall-clock time of the first failure in a row
+        # The current token while it needs no refresh: the hot path's answer, with no cache
+        # lookup (the cache still decides expiry for everything else).
+        self._fresh: Token | None = None
+        self._fresh_until = float("-inf")
 
     def __repr__(self) -> str:
         return f"TokenCache(identity={self._key!r}, failures={self._failures})"
@@ -229,8 +233,10 @@ class TokenCache:
 
     async def get(self) -> Token:
         """A token that is not known to be expired; raises TokenError if none can be had."""
-        token = self.current
         now = self._clock()
+        if self._fresh is not None and now < self._fresh_until:
+            return self._fresh
+        token = self.current
         if token is not None:
             if now >= self._refresh_at(token) and now >= self._next_attempt:
                 self._start_fetch(background=True)
@@ -248,6 +254,7 @@ class TokenCache:
         """Forget ``token`` after the API refused it, unless a newer one already replaced it."""
         if self.current is token:
             del self._cache[self._key]
+            self._fresh, self._fresh_until = None, float("-inf")
 
     async def close(self) -> None:
         """Cancel a fetch in flight."""
@@ -287,6 +294,7 @@ class TokenCache:
         finally:
             self._inflight = None
         self._cache[self._key] = token
+        self._fresh, self._fresh_until = token, self._refresh_at(token)
         self._failures, self._error, self._next_attempt = 0, None, float("-inf")
         self.failing_since = None
         log.info(
