@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(parser, None)
+    parser.add_argument(
+        "--loop",
+        choices=["auto", "asyncio", "uvloop"],
+        help="event loop (loop, default auto: uvloop when it is installed)",
+    )
     parser.add_argument("--host", help="address to listen on (listen.host, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (listen.port, default 8080)")
     parser.add_argument(
@@ -116,11 +121,12 @@ async def _run_proxy(config: Config) -> None:
                 create_admin_app(app), config.admin_host, config.admin_port, "admin "
             )
         log.info(
-            "mdcloud-proxy %s listening on http://%s:%d, forwarding to %s",
+            "mdcloud-proxy %s listening on http://%s:%d, forwarding to %s (%s event loop)",
             __version__,
             config.host,
             runner.addresses[0][1],
             config.upstream_url,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         if admin is not None:
             log.info(
@@ -234,6 +240,7 @@ def _command(args: argparse.Namespace) -> int:
         "listen.port": args.port,
         "log.level": args.log_level,
         "log.format": args.log_format,
+        "loop": args.loop,
     }
     config = load_config(args.config, os.environ, overrides)
     setup_logging(config.log_level, config.log_format)
@@ -241,5 +248,22 @@ def _command(args: argparse.Namespace) -> int:
         return 0 if asyncio.run(check(config, sys.stdout)) else 1
     if args.command == "token":
         return 0 if asyncio.run(print_token(config, sys.stdout, sys.stderr)) else 1
-    asyncio.run(_run_proxy(config))
+    with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
+        runner.run(_run_proxy(config))
     return 0
+
+
+def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when asked for or, with "auto", when it is installed; else asyncio's."""
+    if kind == "asyncio":
+        return None
+    try:
+        import uvloop  # optional: pip install 'mdcloud-proxy[fast]'
+    except ImportError:
+        if kind == "uvloop":
+            raise ConfigError(
+                "loop: uvloop is not installed (pip install 'mdcloud-proxy[fast]')"
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

@@ -49,6 +49,7 @@ class Config:
     allowed_networks: tuple[Network, ...] = ()
     inbound_keys: tuple[str, ...] = field(default=(), repr=False)
     allow_unauthenticated: bool = False
+    loop: str = "auto"
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -233,6 +234,7 @@ KEYS: dict[str, _Key] = {
     "inbound.keys_file": _Key(_text, _env("inbound.keys_file"), ""),
     "inbound.allow_unauthenticated": _Key(_boolean, _env("inbound.allow_unauthenticated"),
                                           "allow_unauthenticated"),
+    "loop": _Key(_choice("auto", "asyncio", "uvloop"), _env("loop"), "loop"),
 }  # fmt: skip
 # Secrets that may come from a file instead (Docker and Kubernetes secrets are files).
 _SECRET_FILES = {

@@ -190,9 +190,16 @@ async def test_token_prints_a_fresh_access_token(sim, upstream):
     assert err.startswith("mdcloud-proxy: token endpoint rejected the client credentials")
 
 
-async def test_sigterm_lets_an_upload_in_flight_finish(sim, upstream, client):
-    proxy = await spawn("--port", "0", env=account_env(upstream))
-    base = (await wait_for_line(proxy, r"listening on (http://127\.0\.0\.1:\d+)")).group(1)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_sigterm_lets_an_upload_in_flight_finish(sim, upstream, client, loop):
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    proxy = await spawn("--port", "0", "--loop", loop, env=account_env(upstream))
+    line = await wait_for_line(
+        proxy, r"listening on (http://127\.0\.0\.1:\d+).* \((\w+) event loop"
+    )
+    base = line.group(1)
+    assert line.group(2) == loop
     data = os.urandom(8 * 1024 * 1024)
     halfway = asyncio.Event()
 
