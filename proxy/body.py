@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections import deque
 from collections.abc import AsyncIterator
-from typing import IO
 
 from aiohttp import StreamReader
 
@@ -15,6 +15,72 @@ from .errors import BodyError
 __all__ = ["ReplayableBody"]
 
 READ_SIZE = 256 * 1024
+# Bytes of the body that may wait in memory for a worker thread to write them to the file.
+PENDING_LIMIT = 8 * 1024 * 1024
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+class _SpillFile:
+    """An unlinked temporary file that worker threads write, so that a slow disk never stalls
+    the event loop (which meanwhile forwards the body); at most PENDING_LIMIT bytes wait."""
+
+    def __init__(self) -> None:
+        # TemporaryFile is unlinked at once on POSIX: nothing is left behind on a crash.
+        self._file = tempfile.TemporaryFile(prefix="mdcloud-proxy-")  # noqa: SIM115
+        self._fd = self._file.fileno()
+        self._pending: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._pending_bytes = 0
+
+    async def write(self, data: bytes, offset: int) -> None:
+        """Queue ``data`` for ``offset``; waits while too much is queued."""
+        write = asyncio.get_running_loop().run_in_executor(
+            None, _pwrite_all, self._fd, data, offset
+        )
+        self._pending.append((write, len(data)))
+        self._pending_bytes += len(data)
+        while self._pending_bytes > PENDING_LIMIT:
+            await self._oldest_done()
+
+    async def settle(self) -> None:
+        """Wait until everything queued is in the file."""
+        while self._pending:
+            await self._oldest_done()
+
+    async def _oldest_done(self) -> None:
+        write, size = self._pending[0]
+        try:
+            await write
+        except OSError as exc:
+            raise BodyError(
+                f"cannot keep a copy of the body for a replay: {exc.strerror} "
+                "(the temporary directory, TMPDIR)",
+                status=507,
+                code=507001,
+            ) from None
+        finally:
+            if self._pending and self._pending[0][0] is write:
+                self._pending.popleft()
+                self._pending_bytes -= size
+
+    def read(self, size: int, offset: int) -> bytes:
+        """Bytes from the file (after ``settle()``)."""
+        return os.pread(self._fd, size, offset)
+
+    def close(self) -> None:
+        """Close the file once the writes in flight are done; its space is freed then."""
+        pending = [write for write, _ in self._pending]
+        self._pending.clear()
+        if not pending:
+            self._file.close()
+            return
+        done = asyncio.gather(*pending, return_exceptions=True)
+        done.add_done_callback(lambda _: self._file.close())
 
 
 class ReplayableBody:
@@ -32,7 +98,7 @@ class ReplayableBody:
         self._memory_limit = memory_limit
         self._max_size = max_size
         self._memory = bytearray()
-        self._file: IO[bytes] | None = None
+        self._file: _SpillFile | None = None
         self._size = 0
         self._eof = False
         self._attempt = 0
@@ -63,6 +129,8 @@ class ReplayableBody:
         position = 0
         while attempt == self._attempt and not self._closed:
             if position < self._size:
+                if self._file is not None and position >= len(self._memory):
+                    await self._file.settle()
                 chunk = self._captured(position)
             elif self._eof:
                 self._delivered = attempt
@@ -83,7 +151,7 @@ class ReplayableBody:
         if position < len(self._memory):
             return bytes(self._memory[position : position + READ_SIZE])
         assert self._file is not None
-        return os.pread(self._file.fileno(), READ_SIZE, position - len(self._memory))
+        return self._file.read(READ_SIZE, position - len(self._memory))
 
     async def _read_source(self) -> bytes:
         try:
@@ -103,18 +171,18 @@ class ReplayableBody:
                 code=413001,
             )
             raise self.error
-        self._capture(chunk)
+        await self._capture(chunk)
         return chunk
 
-    def _capture(self, chunk: bytes) -> None:
+    async def _capture(self, chunk: bytes) -> None:
+        offset = self._size - len(self._memory)  # where the file part of ``chunk`` goes
         self._size += len(chunk)
         room = self._memory_limit - len(self._memory)
         if room > 0:
             self._memory += chunk[:room]
             chunk = chunk[room:]
+            offset = 0
         if chunk:
             if self._file is None:
-                # TemporaryFile is unlinked at once on POSIX: nothing is left behind on a crash.
-                self._file = tempfile.TemporaryFile(prefix="mdcloud-proxy-")  # noqa: SIM115
-            self._file.write(chunk)
-            self._file.flush()  # _captured() reads the file with pread, past Python's buffer
+                self._file = _SpillFile()
+            await self._file.write(chunk, offset)
