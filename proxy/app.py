@@ -187,10 +187,16 @@ def create_admin_app(
 
 
 async def serve(
-    app: web.Application, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    reuse_port: bool = False,
 ) -> web.AppRunner:
     """Start ``app`` on host:port with the settings a proxy needs; ``runner.addresses`` says
-    where it listens, ``runner.cleanup()`` stops it."""
+    where it listens, ``runner.cleanup()`` stops it. ``reuse_port`` lets several processes
+    listen on the port (workers); off otherwise, so that no other process can join in."""
     runner = web.AppRunner(
         app,
         # What is left after drain() has waited is cut off soon; drain() does the waiting.
@@ -202,7 +208,8 @@ async def serve(
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_port=reuse_port)
+        await site.start()
     except BaseException:
         await runner.cleanup()  # closes the client session the app opened on start-up
         raise

@@ -20,6 +20,7 @@ from .config import Config, load_config
 from .errors import ConfigError, describe
 from .logs import setup_logging
 from .simulator import Simulator
+from .workers import run_workers
 
 __all__ = ["main"]
 
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "asyncio", "uvloop"],
         help="event loop (loop, default auto: uvloop when it is installed)",
     )
+    parser.add_argument(
+        "--workers", type=int, help="processes sharing the port (workers, default 1)"
+    )
     parser.add_argument("--host", help="address to listen on (listen.host, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (listen.port, default 8080)")
     parser.add_argument(
@@ -104,24 +108,39 @@ async def _wait_for_signal() -> None:
     await stop.wait()
 
 
-async def _listen(app: web.Application, host: str, port: int, what: str) -> web.AppRunner:
+async def _listen(
+    app: web.Application, host: str, port: int, what: str, reuse_port: bool = False
+) -> web.AppRunner:
     try:
-        return await serve(app, host, port)
+        return await serve(app, host, port, reuse_port=reuse_port)
     except OSError as exc:
         raise ListenError(f"cannot listen on {what}{host}:{port}: {describe(exc)}") from None
 
 
-async def _run_proxy(config: Config) -> None:
+def _serve(config: Config, worker: int | None = None) -> int:
+    """Run one proxy process until SIGTERM or SIGINT; its exit code."""
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
+            runner.run(_run_proxy(config, worker))
+    except ListenError as exc:
+        print(f"mdcloud-proxy: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _run_proxy(config: Config, worker: int | None = None) -> None:
     app = create_app(config)
-    runner = await _listen(app, config.host, config.port, "")
+    shared = worker is not None  # workers share their ports
+    runner = await _listen(app, config.host, config.port, "", shared)
     admin = None
     try:
         if config.admin_port is not None:
             admin = await _listen(
-                create_admin_app(app), config.admin_host, config.admin_port, "admin "
+                create_admin_app(app), config.admin_host, config.admin_port, "admin ", shared
             )
         log.info(
-            "mdcloud-proxy %s listening on http://%s:%d, forwarding to %s (%s event loop)",
+            "%smdcloud-proxy %s listening on http://%s:%d, forwarding to %s (%s event loop)",
+            f"worker {worker} (pid {os.getpid()}): " if shared else "",
             __version__,
             config.host,
             runner.addresses[0][1],
@@ -214,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mdcloud-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    except ListenError as exc:
+    except ListenError as exc:  # the demo's
         print(f"mdcloud-proxy: {exc}", file=sys.stderr)
         return 1
 
@@ -241,6 +260,7 @@ def _command(args: argparse.Namespace) -> int:
         "log.level": args.log_level,
         "log.format": args.log_format,
         "loop": args.loop,
+        "workers": args.workers,
     }
     config = load_config(args.config, os.environ, overrides)
     setup_logging(config.log_level, config.log_format)
@@ -248,9 +268,10 @@ def _command(args: argparse.Namespace) -> int:
         return 0 if asyncio.run(check(config, sys.stdout)) else 1
     if args.command == "token":
         return 0 if asyncio.run(print_token(config, sys.stdout, sys.stderr)) else 1
-    with asyncio.Runner(loop_factory=_loop_factory(config.loop)) as runner:
-        runner.run(_run_proxy(config))
-    return 0
+    if config.workers == 1:
+        return _serve(config)
+    _loop_factory(config.loop)  # a missing uvloop is a configuration error, before the fork
+    return run_workers(config, _serve)
 
 
 def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -50,6 +50,7 @@ class Config:
     inbound_keys: tuple[str, ...] = field(default=(), repr=False)
     allow_unauthenticated: bool = False
     loop: str = "auto"
+    workers: int = 1
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -106,6 +107,14 @@ def _choice(*allowed: str) -> Callable[[object], str]:
         raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
 
     return parse
+
+
+def _workers(value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(f"{value!r} is not a number of processes (1-64)")
+    return value
 
 
 def _boolean(value: object) -> bool:
@@ -235,6 +244,7 @@ KEYS: dict[str, _Key] = {
     "inbound.allow_unauthenticated": _Key(_boolean, _env("inbound.allow_unauthenticated"),
                                           "allow_unauthenticated"),
     "loop": _Key(_choice("auto", "asyncio", "uvloop"), _env("loop"), "loop"),
+    "workers": _Key(_workers, _env("workers"), "workers"),
 }  # fmt: skip
 # Secrets that may come from a file instead (Docker and Kubernetes secrets are files).
 _SECRET_FILES = {

@@ -12,9 +12,10 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from .conftest import API_KEY, CLIENT_ID, CLIENT_SECRET
+from .conftest import API_KEY, CLIENT_ID, CLIENT_SECRET, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -267,3 +268,38 @@ async def test_admin_port_in_use_is_a_clear_error(upstream):
     assert (
         err == f"mdcloud-proxy: cannot listen on admin 127.0.0.1:{port}: Address already in use\n"
     )
+
+
+async def test_workers_share_the_port_and_each_keeps_its_own_token(sim, upstream):
+    proxy = await spawn("--port", "0", "--workers", "2", env=account_env(upstream))
+    try:
+        bases = set()
+        for _ in range(2):
+            line = await wait_for_line(proxy, r"worker \d \(pid \d+\): .* on (http://\S+),")
+            bases.add(line.group(1))
+        (base,) = bases  # one port for both
+        await eventually(lambda: sim.token_requests == 2)  # one token per worker at start-up
+        sim.expire_tokens()
+        # New connections spread over the workers (SO_REUSEPORT hashes each connection).
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as fresh:
+            for _ in range(40):
+                async with fresh.get(base + "/v4/apikey/") as resp:
+                    assert resp.status == 200
+        # each worker learnt of the expiry and fetched one new token: once per worker
+        assert sim.token_requests == 4
+        assert len(set(sim.issued_tokens)) == 4
+    finally:
+        assert await stop(proxy) == 0
+
+
+async def test_a_worker_that_dies_stops_the_rest(sim, upstream):
+    proxy = await spawn("--port", "0", "--workers", "2", env=account_env(upstream))
+    pids = [
+        int((await wait_for_line(proxy, r"worker \d \(pid (\d+)\)")).group(1)) for _ in range(2)
+    ]
+    os.kill(pids[0], signal.SIGKILL)
+    await wait_for_line(proxy, rf"worker \d \(pid {pids[0]}\) ended with -9; stopping the others")
+    assert await stop(proxy, None) == 1  # for the supervisor to restart it whole
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[1], 0)
