@@ -337,7 +337,7 @@ def ensure_tools() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 s runs and 256 MiB transfers")
-    parser.add_argument("--workers", type=int, default=1, help="also measure with N workers")
+    parser.add_argument("--workers", type=int, default=2, help="also measure with N workers")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results.json"))
     args = parser.parse_args()
     ensure_tools()
