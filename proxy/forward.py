@@ -225,7 +225,7 @@ class Forwarder:
 
         Returns the answer to relay and the part of its body already read.
         """
-        headers = _filtered(request.headers, _NOT_FORWARDED)
+        headers = CIMultiDict(_filtered(request.headers, _NOT_FORWARDED))
         if self._api_key is not None:
             headers.popall("apikey", None)
             headers["apikey"] = self._api_key
@@ -285,7 +285,7 @@ class Forwarder:
         token: Token,
         body: ReplayableBody | None,
     ) -> aiohttp.ClientResponse:
-        headers = headers.copy()
+        # aiohttp copies the headers into its request: replacing the token for a replay is safe.
         headers["Authorization"] = "Bearer " + token.access_token
         started = time.monotonic()
         resp = await self._session.request(
@@ -303,9 +303,8 @@ class Forwarder:
         self, request: web.Request, resp: aiohttp.ClientResponse, peeked: bytes
     ) -> web.StreamResponse:
         """Stream the upstream answer to the caller; abort the connection if it breaks off."""
-        out = _Relayed(
-            status=resp.status, reason=resp.reason, headers=_filtered(resp.headers, _NOT_RETURNED)
-        )
+        out = _Relayed(status=resp.status, reason=resp.reason)
+        out.headers.extend(_filtered(resp.headers, _NOT_RETURNED))
         out.content_length = resp.content_length
         await out.prepare(request)
         request[SENT] = 0
