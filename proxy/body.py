@@ -130,7 +130,7 @@ class ReplayableBody:
         while attempt == self._attempt and not self._closed:
             if position < self._size:
                 if self._file is not None and position >= len(self._memory):
-                    await self._file.settle()
+                    await self._settle()
                 chunk = self._captured(position)
             elif self._eof:
                 self._delivered = attempt
@@ -171,8 +171,20 @@ class ReplayableBody:
                 code=413001,
             )
             raise self.error
-        await self._capture(chunk)
+        try:
+            await self._capture(chunk)
+        except BodyError as exc:  # the spill file could not be written
+            self.error = exc
+            raise
         return chunk
+
+    async def _settle(self) -> None:
+        assert self._file is not None
+        try:
+            await self._file.settle()
+        except BodyError as exc:
+            self.error = exc
+            raise
 
     async def _capture(self, chunk: bytes) -> None:
         offset = self._size - len(self._memory)  # where the file part of ``chunk`` goes
