@@ -420,16 +420,17 @@ def report(r: dict[str, Any], workers: int) -> None:
         return float(data["mdcloud-proxy"][key] / data["nginx"][key])
 
     nginx_cpu, proxy_cpu = small["nginx"]["cpu_per_10k"], small["mdcloud-proxy"]["cpu_per_10k"]
-    rows: list[tuple[str, ...]] = [("measure", *who, "proxy/nginx")]
+    rows: list[tuple[str, ...]] = [("measure", *who, "proxy/nginx", "proxy/direct")]
     rows.append(("req/s, 32 conns", *(f"{small[k]['rps']:.0f}" for k in who),
-                 f"{share(small, 'rps'):.1%}"))  # fmt: skip
+                 f"{share(small, 'rps'):.1%}", ""))  # fmt: skip
     rows.append(("CPU s / 10k req", "-", f"{nginx_cpu:.2f}", f"{proxy_cpu:.2f}",
-                 f"{proxy_cpu / nginx_cpu:.1f}x"))  # fmt: skip
+                 f"{proxy_cpu / nginx_cpu:.1f}x", ""))  # fmt: skip
     for pct in ("p50_ms", "p99_ms"):
-        rows.append((f"latency {pct[:3]} ms, 1 conn", *(f"{lat[k][pct]:.3f}" for k in who), ""))
+        rows.append((f"latency {pct[:3]} ms, 1 conn", *(f"{lat[k][pct]:.3f}" for k in who), "", ""))
     for label, data in (("download MiB/s", down), ("upload MiB/s", up)):
+        direct = data["mdcloud-proxy"]["mib_per_s"] / data["direct"]["mib_per_s"]
         rows.append((label, *(f"{data[k]['mib_per_s']:.0f}" for k in who),
-                     f"{share(data, 'mib_per_s'):.0%}"))  # fmt: skip
+                     f"{share(data, 'mib_per_s'):.0%}", f"{direct:.0%}"))  # fmt: skip
     print()
     print(table(rows))
     added = lat["mdcloud-proxy"]["p50_ms"] - lat["direct"]["p50_ms"]
