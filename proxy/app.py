@@ -111,11 +111,10 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
         refused=lambda reason: metrics.inbound_refusals.labels(reason).inc(),
     )
 
-    # The guard is a middleware so that it also sees what the router cannot match: CONNECT's
+    # Run from the middleware, so that it also sees what the router cannot match: CONNECT's
     # authority-form and '*' targets. Who asks is checked before what is asked, and only then
     # is the body asked for (100 Continue).
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def admit(request: web.Request) -> web.StreamResponse | None:
         forwarded = request.match_info.route.name == FORWARD_ROUTE
         refusal: web.StreamResponse | None = inbound.refusal(request) if forwarded else None
         if refusal is None:
@@ -125,9 +124,9 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
         continues = request.headers.get("Expect", "").lower() == "100-continue"
         if forwarded and continues and request.version >= aiohttp.HttpVersion11:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return await handler(request)
+        return None
 
-    app = web.Application(middlewares=[metrics.middleware(traffic), guard])
+    app = web.Application(middlewares=[metrics.middleware(traffic, admit)])
     app[METRICS], app[TRAFFIC] = metrics, traffic
     tls = ssl_context(config.ca_file)
 

@@ -176,8 +176,14 @@ class Metrics:
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    def middleware(self, traffic: Traffic) -> Middleware:
-        """Counts, times and logs every request (the reserved ``/-/`` paths only at DEBUG)."""
+    def middleware(
+        self, traffic: Traffic, admit: Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+    ) -> Middleware:
+        """Counts, times and logs every request (the reserved ``/-/`` paths only at DEBUG);
+        ``admit`` answers a request that must not reach its handler, or lets it through.
+
+        One middleware, not two: each layer costs a coroutine per request (bench/).
+        """
 
         @web.middleware
         async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -190,7 +196,7 @@ class Metrics:
             status = 500  # for an exception other than HTTPException
             response: web.StreamResponse | None = None
             try:
-                response = await handler(request)
+                response = await admit(request) or await handler(request)
                 status = response.status
                 return response
             except web.HTTPException as exc:
