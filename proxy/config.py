@@ -90,12 +90,19 @@ def _secret(value: object) -> str:
     return value
 
 
-def _port(value: object) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ValueError(f"{value!r} is not a port number (0-65535)")
-    return value
+def _integer(low: int, high: int, what: str) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{value!r} is not {what} ({low}-{high})")
+        return value
+
+    return parse
+
+
+_port = _integer(0, 65535, "a port number")
+_workers = _integer(1, 64, "a number of processes")
 
 
 def _choice(*allowed: str) -> Callable[[object], str]:
@@ -107,14 +114,6 @@ def _choice(*allowed: str) -> Callable[[object], str]:
         raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
 
     return parse
-
-
-def _workers(value: object) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
-        raise ValueError(f"{value!r} is not a number of processes (1-64)")
-    return value
 
 
 def _boolean(value: object) -> bool:
