@@ -7,7 +7,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -40,7 +40,6 @@ TOKENS = web.AppKey("tokens", TokenCache)
 METRICS = web.AppKey("metrics", Metrics)
 TRAFFIC = web.AppKey("traffic", Traffic)
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 FORWARD_ROUTE = "forward"
 # Not '.*': routes match the decoded path, and '.' would not match an encoded newline (%0A).
 ANY_PATH = r"{tail:[\s\S]*}"

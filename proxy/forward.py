@@ -57,14 +57,12 @@ TOKEN_REFUSED_CODES = frozenset({401009, 401010})
 _PEEK_LIMIT = 64 * 1024
 
 
-def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    """A copy of ``headers`` in order, without ``drop`` and whatever Connection names."""
+def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> list[tuple[str, str]]:
+    """The pairs of ``headers`` in order, without ``drop`` and whatever Connection names."""
     connection = headers.getall("Connection", ())
     if connection:
         drop = drop | {name.strip().lower() for value in connection for name in value.split(",")}
-    return CIMultiDict(
-        [(name, value) for name, value in headers.items() if name.lower() not in drop]
-    )
+    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
 
 
 class _Relayed(web.StreamResponse):
