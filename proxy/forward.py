@@ -223,7 +223,16 @@ class Forwarder:
 
         Returns the answer to relay and the part of its body already read.
         """
-        headers = CIMultiDict(_filtered(request.headers, _NOT_FORWARDED))
+        # aiohttp's ClientSession merges headers by a case-sensitive set of names into a
+        # case-insensitive dict, so "X-A: 1" then "x-a: 2" would reach the upstream as "x-a: 2"
+        # alone. Names are case-insensitive (RFC 9110 5.1): spell each repeat like the first.
+        spelling: dict[str, str] = {}
+        headers = CIMultiDict(
+            [
+                (spelling.setdefault(name.lower(), name), value)
+                for name, value in _filtered(request.headers, _NOT_FORWARDED)
+            ]
+        )
         if self._api_key is not None:
             headers.popall("apikey", None)
             headers["apikey"] = self._api_key

@@ -103,6 +103,18 @@ async def test_request_header_rules(sim, proxy):
         assert added not in names, f"the proxy must not invent {added}"
 
 
+async def test_repeats_of_a_name_in_other_cases_all_arrive(sim, proxy):
+    """Found by the property test: aiohttp's client kept only the last of X-A / x-a."""
+    resp = await raw_exchange(proxy.port, raw_get("/v4/x", "X-A: 1", "x-a: 2", "X-a: 3"))
+    assert resp.status == 404
+    seen = sim.requests[-1]
+    assert [(n, v) for n, v in seen.headers if n.lower() == "x-a"] == [
+        ("X-A", "1"),
+        ("X-A", "2"),
+        ("X-A", "3"),
+    ]
+
+
 async def test_configured_api_key_replaces_the_callers(sim, make_proxy, client):
     sim.api_key = "real-key"
     proxy = await make_proxy(api_key="real-key")

@@ -138,7 +138,10 @@ def expected_headers(sent: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if name.lower() == "connection"
         for token in value.split(",")
     }
-    return [(n, v) for n, v in sent if n.lower() not in NOT_PASSED and n.lower() not in named]
+    passed = [(n, v) for n, v in sent if n.lower() not in NOT_PASSED and n.lower() not in named]
+    # A repeated name arrives spelled like its first occurrence (see Forwarder._exchange).
+    spelling: dict[str, str] = {}
+    return [(spelling.setdefault(n.lower(), n), v) for n, v in passed]
 
 
 @settings(
