@@ -52,7 +52,10 @@ segments = st.lists(
 )
 queries = st.none() | st.text(PCHAR + "/?", max_size=30).map(lambda q: q.replace("%", ""))
 values = st.text(VALUE + " \t", max_size=40).map(str.strip)
-names = st.one_of(st.sampled_from(SPECIAL_NAMES), st.text(TOKEN, min_size=1, max_size=16))
+# Names in any case, so that repeats of one name in different cases come up often.
+names = st.one_of(st.sampled_from(SPECIAL_NAMES), st.text(TOKEN, min_size=1, max_size=16)).flatmap(
+    lambda name: st.sampled_from([name, name.lower(), name.upper()])
+)
 
 
 def valid_header_set(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -138,10 +141,7 @@ def expected_headers(sent: list[tuple[str, str]]) -> list[tuple[str, str]]:
         if name.lower() == "connection"
         for token in value.split(",")
     }
-    passed = [(n, v) for n, v in sent if n.lower() not in NOT_PASSED and n.lower() not in named]
-    # A repeated name arrives spelled like its first occurrence (see Forwarder._exchange).
-    spelling: dict[str, str] = {}
-    return [(spelling.setdefault(n.lower(), n), v) for n, v in passed]
+    return [(n, v) for n, v in sent if n.lower() not in NOT_PASSED and n.lower() not in named]
 
 
 @settings(
@@ -168,4 +168,8 @@ def test_what_arrives_upstream(servers: Servers, segments, query, headers) -> No
     (bearer,) = seen.header("Authorization")
     assert bearer.startswith("Bearer ")
     passed = [(n, v) for n, v in seen.headers if n.lower() not in {"host", "authorization"}]
-    assert passed == expected_headers([*headers, ("Connection", "close")])
+    # Every header, value and repeat, in order. Names compare without case (RFC 9110 5.1):
+    # aiohttp's parser spells the names it knows its own way ("WARNING" becomes "Warning"),
+    # and the proxy spells a repeated name like its first occurrence.
+    expected = expected_headers([*headers, ("Connection", "close")])
+    assert [(n.lower(), v) for n, v in passed] == [(n.lower(), v) for n, v in expected]
