@@ -16,6 +16,7 @@ from .config import Config
 from .errors import error_response
 from .forward import Forwarder
 from .inbound import InboundGuard
+from .listener import LISTEN_LIMITS, Limits, Runner
 from .logs import HTTP_LOG
 from .observe import OPS_ROUTE, Metrics, Traffic, readiness
 from .tokens import ClientCredentials, TokenCache
@@ -56,7 +57,8 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
 def client_session(config: Config, tls: ssl.SSLContext | bool) -> aiohttp.ClientSession:
     """A client session that passes requests and answers on as they are."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=tls, limit=0),
+        # Requests past the limit wait for a connection, instead of running out of descriptors.
+        connector=aiohttp.TCPConnector(ssl=tls, limit=config.upstream_max_connections),
         # No total timeout: it would cut long uploads and downloads; bound each read instead.
         timeout=aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
@@ -127,6 +129,13 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
 
     app = web.Application(middlewares=[metrics.middleware(traffic, admit)])
     app[METRICS], app[TRAFFIC] = metrics, traffic
+    app[LISTEN_LIMITS] = Limits(
+        header_timeout=config.header_timeout,
+        body_timeout=config.body_timeout,
+        idle_timeout=config.idle_timeout,
+        max_connections=config.max_connections,
+        closed=lambda reason: metrics.connections_closed.labels(reason).inc(),
+    )
     tls = ssl_context(config.ca_file)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -194,15 +203,16 @@ async def serve(
 ) -> web.AppRunner:
     """Start ``app`` on host:port with the settings a proxy needs; ``runner.addresses`` says
     where it listens, ``runner.cleanup()`` stops it. ``reuse_port`` lets several processes
-    listen on the port (workers); off otherwise, so that no other process can join in."""
-    runner = web.AppRunner(
+    listen on the port (workers); off otherwise, so that no other process can join in.
+    Connections keep the app's ``LISTEN_LIMITS`` (or the defaults)."""
+    runner = Runner(
         app,
         # What is left after drain() has waited is cut off soon; drain() does the waiting.
         shutdown_timeout=1.0,
         handler_cancellation=True,  # a caller that hangs up cancels its upstream request
         auto_decompress=False,  # bodies are opaque bytes, passed on as sent
         access_log=None,
-        logger=HTTP_LOG,  # malformed requests: one line, never their bytes
+        logger=HTTP_LOG,
     )
     await runner.setup()
     try:

@@ -51,6 +51,12 @@ class Config:
     allow_unauthenticated: bool = False
     loop: str = "auto"
     workers: int = 1
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 75.0
+    max_connections: int | None = None  # None: half the descriptor limit in force
+    upstream_max_connections: int = 256
+    replay_memory_total: int = 64 * MiB
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -103,6 +109,7 @@ def _integer(low: int, high: int, what: str) -> Callable[[object], int]:
 
 _port = _integer(0, 65535, "a port number")
 _workers = _integer(1, 64, "a number of processes")
+_connections = _integer(1, 1 << 20, "a number of connections")
 
 
 def _choice(*allowed: str) -> Callable[[object], str]:
@@ -244,6 +251,14 @@ KEYS: dict[str, _Key] = {
                                           "allow_unauthenticated"),
     "loop": _Key(_choice("auto", "asyncio", "uvloop"), _env("loop"), "loop"),
     "workers": _Key(_workers, _env("workers"), "workers"),
+    "listen.header_timeout": _Key(_seconds, _env("listen.header_timeout"), "header_timeout"),
+    "listen.body_timeout": _Key(_seconds, _env("listen.body_timeout"), "body_timeout"),
+    "listen.idle_timeout": _Key(_seconds, _env("listen.idle_timeout"), "idle_timeout"),
+    "listen.max_connections": _Key(_connections, _env("listen.max_connections"),
+                                   "max_connections"),
+    "upstream.max_connections": _Key(_connections, _env("upstream.max_connections"),
+                                     "upstream_max_connections"),
+    "replay.memory_total": _Key(parse_size, _env("replay.memory_total"), "replay_memory_total"),
 }  # fmt: skip
 # Secrets that may come from a file instead (Docker and Kubernetes secrets are files).
 _SECRET_FILES = {

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp.http_exceptions import HttpProcessingError
-
-__all__ = ["HTTP_LOG", "JsonFormatter", "setup_logging"]
+__all__ = ["HTTP_LOG", "JsonFormatter", "Throttled", "setup_logging", "throttle_loop_errors"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -44,24 +45,49 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
 
 
-class _MalformedRequests(logging.Filter):
-    """Turns aiohttp's traceback for a malformed request into one line without its bytes.
+class Throttled:
+    """Logs one condition at most once per ``interval`` seconds, whatever the rate it recurs at.
 
-    The parser's message quotes the offending line, which may hold a key or a token, and
-    anyone can send malformed requests: one short line each, with the kind of error only.
+    A flood (malformed requests, connections past a limit, a loop out of descriptors) is a
+    line every few seconds saying how often it happened, never a line per event.
     """
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
-            record.msg = "refused a malformed request from %s: %d %s"
-            record.args = (remote, exc.code, type(exc).__name__)
-            record.exc_info, record.exc_text = None, None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int,
+        interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger, self._level, self._interval, self._clock = logger, level, interval, clock
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, key: str, message: str, *args: object) -> None:
+        """Log ``message % args`` unless ``key`` was logged less than ``interval`` ago."""
+        now = self._clock()
+        last, skipped = self._seen.get(key, (float("-inf"), 0))
+        if now - last < self._interval:
+            self._seen[key] = (last, skipped + 1)
+            return
+        self._seen[key] = (now, 0)
+        if skipped:
+            message += " (%d more like it in the last %.0f s)"
+            args = (*args, skipped, now - last)
+        self._logger.log(self._level, message, *args)
+
+
+def throttle_loop_errors(loop: asyncio.AbstractEventLoop, interval: float = 5.0) -> None:
+    """Report the event loop's errors (such as "socket.accept() out of system resource",
+    which asyncio reports at every accept while descriptors run out) once per ``interval``."""
+    throttled = Throttled(logging.getLogger("mdcloud_proxy.loop"), logging.ERROR, interval)
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        throttled(str(context.get("message")), "%s%s", context.get("message"), reason)
+
+    loop.set_exception_handler(handler)
 
 
 # aiohttp's server reports connection-level errors here (see serve()).
 HTTP_LOG = logging.getLogger("mdcloud_proxy.http")
-HTTP_LOG.addFilter(_MalformedRequests())

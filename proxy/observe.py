@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from .errors import TokenError, error_response
+from .listener import CLOSE_REASONS
 from .tokens import Token, TokenCache
 
 __all__ = ["OPS_ROUTE", "REPLAY", "SENT", "Metrics", "Traffic", "readiness", "request_target"]
@@ -138,6 +139,15 @@ class Metrics:
             "Response body bytes sent to callers.",
             registry=self.registry,
         )
+        self.connections_closed = Counter(
+            prefix + "connections_closed",
+            "Connections the proxy closed or refused, by reason (header_timeout, body_timeout, "
+            "idle_timeout, max_connections).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in CLOSE_REASONS:
+            self.connections_closed.labels(reason)
         for outcome in ("ok", "refused", "failed"):
             self.replays.labels(outcome)
         for outcome in ("ok", "error", "rejected"):

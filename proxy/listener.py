@@ -1,0 +1,335 @@
+"""The listening side: aiohttp's server with connection limits, timeouts and safe error answers.
+
+aiohttp keeps an idle connection for about an hour, never times out a request head or body
+that trickles in, accepts connections until descriptors run out, and answers a malformed
+request with a text body that quotes the offending bytes. A proxy in front of an account
+needs what nginx and Go's net/http do instead: each connection has a deadline for its head,
+for each read of its body and for idling between requests; past ``max_connections`` a new
+connection gets a quick 503; malformed requests get MetaDefender's error shape, naming the
+problem without quoting it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    BadStatusLine,
+    HttpProcessingError,
+    InvalidHeader,
+    InvalidURLError,
+    LineTooLong,
+    PayloadEncodingError,
+)
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+
+from .errors import error_response
+from .logs import HTTP_LOG, Throttled
+
+__all__ = ["LISTEN_LIMITS", "Limits", "Runner", "raise_descriptor_limit"]
+
+# Why a connection was closed by the proxy, for mdcloud_proxy_connections_closed_total.
+CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "max_connections")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one listener allows each connection; 0 turns a timeout off.
+
+    ``max_connections`` None means half the descriptor limit in force when it starts.
+    ``closed`` is told the reason each time the listener closes a connection.
+    """
+
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    idle_timeout: float = 75.0
+    max_connections: int | None = None
+    closed: Callable[[str], None] = lambda _reason: None
+
+
+LISTEN_LIMITS = web.AppKey("listen_limits", Limits)
+
+_BUSY_BODY = (
+    b'{"error":{"code":503030,"messages":["mdcloud-proxy: too many connections '
+    b'(listen.max_connections); try again shortly"]}}'
+)
+# Written before any request is read: the caller learns why, and the descriptor is freed.
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\nServer: mdcloud-proxy\r\n"
+    b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
+)
+# A request head (up to its blank line) that asks for the connection to close and has no body.
+_HEAD_END = b"\r\n\r\n"
+_CLOSE = re.compile(rb"\r\nconnection:[^\r\n]*\bclose\b", re.IGNORECASE)
+_FRAMED = re.compile(rb"\r\n(?:content-length|transfer-encoding)\s*:", re.IGNORECASE)
+
+_MALFORMED: list[tuple[type[HttpProcessingError], str]] = [
+    (LineTooLong, "the request line or a header is too long"),
+    (InvalidHeader, "a header name or value holds characters HTTP does not allow"),
+    (BadHttpMethod, "this is not an HTTP request (unknown method)"),
+    (BadStatusLine, "the request line is not valid HTTP/1.1"),
+    (InvalidURLError, "the request target is not a valid URL path"),
+    (PayloadEncodingError, "the body's framing (Content-Length, Transfer-Encoding) is not valid"),
+]
+
+_PLAIN_REASON = re.compile(r"[A-Za-z][A-Za-z -]{2,60}")
+
+
+def raise_descriptor_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit, as Go and nginx do.
+
+    Returns (limit in force, limit before). Each connection in flight holds two descriptors
+    (the caller's and the upstream's), and the common default of 1024 is soon used up.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        for wanted in (hard, 1 << 20, 65536):
+            if wanted == resource.RLIM_INFINITY or wanted <= soft:
+                continue
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            except (ValueError, OSError):
+                continue
+            return wanted, soft
+    return soft, soft
+
+
+def _default_max_connections() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(16, soft // 2) if soft != resource.RLIM_INFINITY else 1 << 19
+
+
+class _Connection(RequestHandler):
+    """aiohttp's protocol for one connection, with deadlines for its head, body and idling.
+
+    One timer per connection, re-armed only when it fires (as aiohttp's own keep-alive
+    timer): data arriving only moves a timestamp, so uploads pay nothing per chunk.
+    """
+
+    def __init__(self, server: _Server, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._server = server
+        self._limits = server.limits
+        self._admitted = False
+        self._head_since: float | None = None  # first byte of an unfinished request head
+        self._last_read = 0.0
+        self._idle_since: float | None = None
+        self._unanswered = 0  # requests parsed and not yet answered
+        self._body: StreamReader | None = None  # the latest request's body
+        self._closing = False  # a request asked to close: what follows it is ignored
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._server
+        if server.open >= server.max_connections:
+            transport.write(_BUSY)  # type: ignore[attr-defined]
+            transport.close()
+            self._limits.closed("max_connections")
+            server.warn(
+                "max_connections",
+                "refusing new connections: %d are open (listen.max_connections)",
+                server.open,
+            )
+            return
+        self._admitted = True
+        server.open += 1
+        super().connection_made(transport)
+        now = self._loop.time()
+        self._head_since = self._last_read = now
+        self._arm(now)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self._server.open -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        now = self._loop.time()
+        self._last_read = now
+        if self._body is None or self._body.is_eof():  # a request head, not a body
+            if self._head_since is None:
+                self._head_since, self._idle_since = now, None
+                self._arm(now)
+            data = self._cut_after_close(data)
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:
+            self._unanswered += self._request_count - count
+            self._head_since = None
+            self._body = self._messages[-1][1] if self._messages else None
+            self._arm(now)
+
+    def _cut_after_close(self, data: bytes) -> bytes:
+        """``data`` up to the end of a bodiless request that asks to close the connection.
+
+        Both of aiohttp's parsers refuse the whole chunk, first request included, when bytes
+        follow such a request in it; the request is answered and the rest ignored instead.
+        """
+        end = data.find(_HEAD_END)
+        if end < 0 or end + len(_HEAD_END) == len(data):
+            return data
+        head = data[:end]
+        if _CLOSE.search(head) is None or _FRAMED.search(head) is not None:
+            return data
+        self._closing = True
+        return data[: end + len(_HEAD_END)]
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        if request.headers.get("Upgrade"):
+            # No upgrade is ever made; aiohttp's C parser drops what was pipelined behind
+            # one, so answer, then close instead of leaving the caller waiting.
+            resp.force_close()
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._unanswered -= 1
+            if self._unanswered == 0 and self._head_since is None:
+                self._idle_since = self._loop.time()
+                self._arm(self._idle_since)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A MetaDefender-shaped answer to a request aiohttp could not parse or handle.
+
+        aiohttp's own answer quotes the offending line, which may hold a key; this one names
+        the kind of problem only.
+        """
+        if not isinstance(exc, HttpProcessingError):
+            return _safe(super().handle_error(request, status, exc, message), status)
+        problem = _problem(exc)
+        self._server.warn(
+            "malformed",
+            "refused a malformed request from %s: %d %s",
+            request.remote,
+            status,
+            type(exc).__name__,
+        )
+        answer = error_response(status, status * 1000 + 4, f"malformed request: {problem}")
+        answer.force_close()
+        return answer
+
+    def _arm(self, now: float) -> None:
+        """Schedule the check of this connection's deadline in its state as of now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self._deadline(now)
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline[0], self._check)
+
+    def _deadline(self, now: float) -> tuple[float, str] | None:
+        limits = self._limits
+        if self._head_since is not None:
+            if limits.header_timeout:
+                return self._head_since + limits.header_timeout, "header_timeout"
+        elif self._body is not None and not self._body.is_eof():
+            if limits.body_timeout:
+                # While reading is paused, the proxy, not the caller, is the slow side.
+                since = now if self._reading_paused else self._last_read
+                return since + limits.body_timeout, "body_timeout"
+        elif self._idle_since is not None and limits.idle_timeout:
+            return self._idle_since + limits.idle_timeout, "idle_timeout"
+        return None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self.transport is None:
+            return
+        now = self._loop.time()
+        deadline = self._deadline(now)
+        if deadline is None:
+            return  # a request is being answered; finish_response re-arms
+        if now < deadline[0]:
+            self._timer = self._loop.call_at(deadline[0], self._check)
+            return
+        reason = deadline[1]
+        self._limits.closed(reason)
+        if reason != "idle_timeout":
+            self._server.warn(reason, "closed a connection from %s: %s", self.peername, reason)
+        self.force_close()
+
+
+def _problem(exc: HttpProcessingError) -> str:
+    """What is wrong with a request, in words that quote none of its bytes."""
+    for kind, text in _MALFORMED:
+        if isinstance(exc, kind):
+            return text
+    # The parsers' reasons start with a fixed phrase ("Invalid header value char: ..."),
+    # followed by the offending bytes; only a phrase of plain words is kept.
+    reason = exc.message.partition(":")[0].strip() if isinstance(exc.message, str) else ""
+    return reason.lower() if _PLAIN_REASON.fullmatch(reason) else "not valid HTTP/1.1"
+
+
+def _safe(answer: web.StreamResponse, status: int) -> web.StreamResponse:
+    """aiohttp's plain-text 500 or 504 as a MetaDefender-shaped error."""
+    if not isinstance(answer, web.Response) or answer.content_type != "text/plain":
+        return answer
+    text = "the request failed inside the proxy; its log says why"
+    if status == 504:
+        text = "the request took too long inside the proxy"
+    safe = error_response(status, status * 1000 + 1, text)
+    safe.force_close()
+    return safe
+
+
+class _Server(web.Server):
+    """aiohttp's server, making ``_Connection``s that share ``limits`` and a count."""
+
+    def __init__(self, inner: web.Server, limits: Limits, **kwargs: Any) -> None:
+        super().__init__(
+            inner.request_handler,
+            request_factory=inner.request_factory,
+            handler_cancellation=inner.handler_cancellation,
+            **kwargs,
+        )
+        self.limits = limits
+        self.max_connections = limits.max_connections or _default_max_connections()
+        self.open = 0
+        self.warn = Throttled(HTTP_LOG, logging.WARNING)  # one line per condition and 5 s
+
+    def __call__(self) -> _Connection:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    """``web.AppRunner`` whose connections keep the app's ``LISTEN_LIMITS``."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._handler_kwargs = kwargs
+
+    async def _make_server(self) -> web.Server:
+        inner = await super()._make_server()
+        limits = self.app.get(LISTEN_LIMITS) or Limits()
+        # What the app's own server passes to each connection; the rest are the runner's and
+        # the server's own settings.
+        own = ("handler_cancellation", "shutdown_timeout", "handle_signals")
+        kwargs = {k: v for k, v in self._handler_kwargs.items() if k not in own}
+        # The connection's own idle deadline decides; aiohttp's is only a backstop.
+        idle = limits.idle_timeout or 3600.0
+        kwargs["keepalive_timeout"] = idle + max(limits.header_timeout, 1.0)
+        return _Server(inner, limits, **kwargs)
