@@ -34,6 +34,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     upstream_url: str = DEFAULT_UPSTREAM
+    allow_insecure_upstream: bool = False
     ca_file: str | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
@@ -216,6 +217,8 @@ KEYS: dict[str, _Key] = {
     "listen.host": _Key(_text, _env("listen.host"), "host"),
     "listen.port": _Key(_port, _env("listen.port"), "port"),
     "upstream.url": _Key(_http_url, _env("upstream.url"), "upstream_url"),
+    "upstream.allow_insecure": _Key(_boolean, _env("upstream.allow_insecure"),
+                                    "allow_insecure_upstream"),
     "upstream.ca_file": _Key(_ca_bundle, _env("upstream.ca_file"), "ca_file"),
     "upstream.connect_timeout": _Key(_positive_seconds, _env("upstream.connect_timeout"),
                                      "connect_timeout"),
@@ -348,6 +351,8 @@ def load_config(
     upstream = values.get("upstream.url", DEFAULT_UPSTREAM)
     values.setdefault("oauth.token_url", upstream + "/v4/oauth2/token")
     config = Config(**{KEYS[key].attr: value for key, value in values.items()})
+    if not config.allow_insecure_upstream:
+        _refuse_plain_http(config)
     protected = config.allowed_networks or config.inbound_keys or config.allow_unauthenticated
     if not _is_loopback(config.host) and not protected:
         raise ConfigError(
@@ -356,6 +361,25 @@ def load_config(
             "inbound.keys, or inbound.allow_unauthenticated: true to accept that"
         )
     return config
+
+
+# What crosses the network with each URL; a plain http:// URL to another machine shows it
+# to anyone on the path.
+_CARRIES = {
+    "upstream.url": "access tokens and the apikey",
+    "oauth.token_url": "the client secret and access tokens",
+}
+
+
+def _refuse_plain_http(config: Config) -> None:
+    for key, url in (("upstream.url", config.upstream_url), ("oauth.token_url", config.token_url)):
+        parsed = URL(url)
+        if parsed.scheme == "http" and not _is_loopback(parsed.host or ""):
+            raise ConfigError(
+                f"{key}: {url} is plain http:// to a host that is not loopback, so "
+                f"{_CARRIES[key]} would cross the network unencrypted; use https://, or set "
+                "upstream.allow_insecure: true to accept that"
+            )
 
 
 def _is_loopback(host: str) -> bool:

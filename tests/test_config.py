@@ -221,6 +221,78 @@ def test_loopback_needs_no_inbound_protection(host):
     assert load_config(environ={**ENV, "MDCLOUD_PROXY_LISTEN_HOST": host}).host == host
 
 
+INSECURE = "MDCLOUD_PROXY_UPSTREAM_ALLOW_INSECURE"
+WHAT_LEAKS = {
+    "upstream.url": "access tokens and the apikey",
+    "oauth.token_url": "the client secret and access tokens",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "key", "url"),
+    [
+        ({"MDCLOUD_PROXY_UPSTREAM_URL": "http://md.example:8080/"}, "upstream.url",
+         "http://md.example:8080"),
+        ({"MDCLOUD_PROXY_UPSTREAM_URL": "http://[2001:db8::1]"}, "upstream.url",
+         "http://[2001:db8::1]"),
+        ({"MDCLOUD_PROXY_UPSTREAM_URL": "http://10.1.2.3"}, "upstream.url", "http://10.1.2.3"),
+        ({"MDCLOUD_PROXY_OAUTH_TOKEN_URL": "http://auth.example/token"}, "oauth.token_url",
+         "http://auth.example/token"),
+        ({"MDCLOUD_PROXY_UPSTREAM_URL": "http://127.0.0.1:9000",
+          "MDCLOUD_PROXY_OAUTH_TOKEN_URL": "http://192.168.1.9/t"}, "oauth.token_url",
+         "http://192.168.1.9/t"),
+    ],
+)  # fmt: skip
+def test_plain_http_to_a_remote_host_needs_allow_insecure(env, key, url):
+    """Over http:// to another machine the secret and the tokens cross the network in clear."""
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={**ENV, **env})
+    assert str(info.value) == (
+        f"{key}: {url} is plain http:// to a host that is not loopback, so {WHAT_LEAKS[key]} "
+        "would cross the network unencrypted; use https://, or set "
+        "upstream.allow_insecure: true to accept that"
+    )
+    config = load_config(environ={**ENV, **env, INSECURE: "true"})
+    assert config.allow_insecure_upstream is True
+    assert url in (config.upstream_url, config.token_url)
+
+
+def test_allow_insecure_from_the_file_covers_both_urls(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "upstream:\n  url: http://md.example\n  allow_insecure: true\n"
+        "oauth:\n  token_url: http://auth.example/token\n"
+    )
+    config = load_config(str(path), environ=ENV)
+    assert (config.upstream_url, config.token_url) == (
+        "http://md.example",
+        "http://auth.example/token",
+    )
+    with pytest.raises(ConfigError, match=r"^upstream.allow_insecure: 'sure' is not true or"):
+        load_config(str(path), environ={**ENV, INSECURE: "sure"})
+    with pytest.raises(ConfigError, match=r"^upstream.url: http://md.example is plain http://"):
+        load_config(str(path), environ={**ENV, INSECURE: "false"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9000",
+        "http://127.9.9.9",
+        "http://[::1]:9000",
+        "http://localhost:9000",
+        "http://LocalHost",
+        "https://md.example",
+        "https://10.1.2.3:8443",
+    ],
+)
+def test_https_or_loopback_needs_no_switch(url):
+    for name in ("MDCLOUD_PROXY_UPSTREAM_URL", "MDCLOUD_PROXY_OAUTH_TOKEN_URL"):
+        config = load_config(environ={**ENV, name: url})
+        assert url.rstrip("/") in (config.upstream_url, config.token_url)
+        assert config.allow_insecure_upstream is False
+
+
 def test_inbound_keys(tmp_path):
     keys = ["first-key-0123456789", "second-key-0123456789"]
     path = tmp_path / "keys"
