@@ -84,11 +84,17 @@ def _text(value: object) -> str:
     return value.strip()
 
 
+def _clean_secret(text: str) -> str:
+    # A BOM (Windows editors) or trailing whitespace (`echo`, CRLF, a stray space) is never
+    # part of a secret, and left in it fails later as a bare 401 and a long backoff.
+    return text.removeprefix("\ufeff").rstrip(" \t\r\n")
+
+
 def _secret(value: object) -> str:
     # Not _text: the message must never quote the value.
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not _clean_secret(value):
         raise ValueError("expected a non-empty string")
-    return value
+    return _clean_secret(value)
 
 
 def _integer(low: int, high: int, what: str) -> Callable[[object], int]:
@@ -151,12 +157,13 @@ def _networks(value: object) -> tuple[Network, ...]:
 
 def _keys(value: object) -> tuple[str, ...]:
     # Never quote a key in a message.
-    keys = _items(value)
-    if not keys or not all(isinstance(key, str) for key in keys):
+    items = _items(_clean_secret(value) if isinstance(value, str) else value)
+    if not items or not all(isinstance(item, str) for item in items):
         raise ValueError("expected one or more keys (strings)")
-    if any(len(str(key)) < MIN_KEY_LENGTH for key in keys):
+    keys = tuple(_clean_secret(str(item)) for item in items)
+    if any(len(key) < MIN_KEY_LENGTH for key in keys):
         raise ValueError(f"every key must be at least {MIN_KEY_LENGTH} characters long")
-    return tuple(str(key) for key in keys)
+    return keys
 
 
 def _seconds(value: object) -> float:
@@ -296,8 +303,7 @@ def _read_secret_file(key: str, path: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(f"{key}: cannot read {path}: {reason}") from None
-    # Files written by editors and `echo` end in a newline that is not part of the secret.
-    secret = secret.removesuffix("\n").removesuffix("\r")
+    secret = _clean_secret(secret)
     if not secret:
         raise ConfigError(f"{key}: {path} is empty")
     return secret

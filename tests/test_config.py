@@ -346,3 +346,77 @@ def test_command_exits_before_listening_with_one_line(tmp_path):
     assert result.stderr == (
         "mdcloud-proxy: configuration error: listen.port: -5 is not a port number (0-65535)\n"
     )
+
+
+SECRET_FILES = [
+    ("MDCLOUD_CLIENT_SECRET_FILE", "client_secret"),
+    ("MDCLOUD_API_KEY_FILE", "api_key"),
+    ("MDCLOUD_PROXY_INBOUND_KEYS_FILE", "inbound_keys"),
+]
+# What editors, Windows tools, `echo` and here-documents add around a secret.
+DIRTY = [
+    "\ufeff{}",
+    "{}\r\n",
+    "{}\n\n",
+    "{} ",
+    "{}\t\n",
+    "\ufeff{}\r\n\r\n",
+]
+
+
+def _secret_of(config: Config, attr: str) -> object:
+    value = getattr(config, attr)
+    return value[0] if attr == "inbound_keys" else value
+
+
+@pytest.mark.parametrize("dirty", DIRTY)
+@pytest.mark.parametrize(("name", "attr"), SECRET_FILES)
+def test_secret_files_lose_a_bom_and_trailing_whitespace(tmp_path, name, attr, dirty):
+    path = tmp_path / "secret"
+    path.write_bytes(dirty.format(CLIENT_SECRET).encode())
+    env = {**ENV, name: str(path)}
+    if name == "MDCLOUD_CLIENT_SECRET_FILE":
+        del env["MDCLOUD_CLIENT_SECRET"]
+    assert _secret_of(load_config(environ=env), attr) == CLIENT_SECRET
+
+
+@pytest.mark.parametrize("dirty", DIRTY)
+@pytest.mark.parametrize(
+    ("name", "attr"),
+    [
+        ("MDCLOUD_CLIENT_SECRET", "client_secret"),
+        ("MDCLOUD_API_KEY", "api_key"),
+        ("MDCLOUD_PROXY_INBOUND_KEYS", "inbound_keys"),
+    ],
+)
+def test_secrets_from_the_environment_are_cleaned_alike(name, attr, dirty):
+    """`MDCLOUD_CLIENT_SECRET=$(cat file)` keeps a BOM, and `\r` from a CRLF file."""
+    config = load_config(environ={**ENV, name: dirty.format(CLIENT_SECRET)})
+    assert _secret_of(config, attr) == CLIENT_SECRET
+
+
+def test_inbound_keys_file_with_bom_and_crlf(tmp_path):
+    keys = ["first-key-0123456789", "second-key-0123456789"]
+    path = tmp_path / "keys"
+    path.write_bytes(("\ufeff" + "\r\n".join(keys) + "\r\n").encode())
+    config = load_config(environ={**ENV, "MDCLOUD_PROXY_INBOUND_KEYS_FILE": str(path)})
+    assert config.inbound_keys == tuple(keys)
+
+
+def test_a_secret_file_of_only_whitespace_is_empty(tmp_path):
+    path = tmp_path / "secret"
+    path.write_bytes(b"\xef\xbb\xbf \r\n\t\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"MDCLOUD_CLIENT_ID": "x", "MDCLOUD_CLIENT_SECRET_FILE": str(path)})
+    assert str(info.value) == f"oauth.client_secret_file: {path} is empty"
+
+
+async def test_a_client_secret_file_from_windows_still_gets_a_token(
+    tmp_path, make_proxy, sim, client
+):
+    path = tmp_path / "client_secret"
+    path.write_bytes(b"\xef\xbb\xbf" + CLIENT_SECRET.encode() + b"\r\n")
+    proxy = await make_proxy(**{"oauth.client_secret": None, "oauth.client_secret_file": str(path)})
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200
+    assert sim.token_requests == 1
