@@ -84,6 +84,18 @@ def _text(value: object) -> str:
     return value.strip()
 
 
+def _host(value: object) -> str:
+    """An address or name to listen on; ``[::1]``, as IPv6 is written in URLs, means ``::1``."""
+    text = _text(value)
+    if not (text.startswith("[") or text.endswith("]")):
+        return text
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else ""
+    try:
+        return str(ipaddress.IPv6Address(inner))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv6 address in brackets such as [::1]") from None
+
+
 def _clean_secret(text: str) -> str:
     # A BOM (Windows editors) or trailing whitespace (`echo`, CRLF, a stray space) is never
     # part of a secret, and left in it fails later as a bare 401 and a long backoff.
@@ -221,7 +233,7 @@ def _env(key: str) -> str:
 
 # Every accepted key, its parser, its environment variable and the Config field it fills.
 KEYS: dict[str, _Key] = {
-    "listen.host": _Key(_text, _env("listen.host"), "host"),
+    "listen.host": _Key(_host, _env("listen.host"), "host"),
     "listen.port": _Key(_port, _env("listen.port"), "port"),
     "upstream.url": _Key(_http_url, _env("upstream.url"), "upstream_url"),
     "upstream.allow_insecure": _Key(_boolean, _env("upstream.allow_insecure"),
@@ -241,7 +253,7 @@ KEYS: dict[str, _Key] = {
     "limits.max_body_size": _Key(parse_size, _env("limits.max_body_size"), "max_body_size"),
     "replay.memory_limit": _Key(parse_size, _env("replay.memory_limit"), "replay_memory_limit"),
     "shutdown_timeout": _Key(_seconds, _env("shutdown_timeout"), "shutdown_timeout"),
-    "admin.host": _Key(_text, _env("admin.host"), "admin_host"),
+    "admin.host": _Key(_host, _env("admin.host"), "admin_host"),
     "admin.port": _Key(_port, _env("admin.port"), "admin_port"),
     "log.level": _Key(_choice("DEBUG", "INFO", "WARNING", "ERROR"), _env("log.level"),
                       "log_level"),

@@ -221,6 +221,35 @@ def test_loopback_needs_no_inbound_protection(host):
     assert load_config(environ={**ENV, "MDCLOUD_PROXY_LISTEN_HOST": host}).host == host
 
 
+@pytest.mark.parametrize(
+    ("given", "host"),
+    [("[::1]", "::1"), (" [::1] ", "::1"), ("[0:0:0:0:0:0:0:1]", "::1")],
+)
+def test_bracketed_ipv6_hosts_lose_their_brackets(tmp_path, given, host):
+    """`[::1]` is how IPv6 addresses are written in URLs, so people write it here too."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"listen:\n  host: '{given}'\nadmin:\n  host: '{given}'\n")
+    from_file = load_config(str(path), environ=ENV)
+    env = {**ENV, "MDCLOUD_PROXY_LISTEN_HOST": given, "MDCLOUD_PROXY_ADMIN_HOST": given}
+    from_env = load_config(environ=env)
+    from_flag = load_config(environ=ENV, overrides={"listen.host": given})
+    assert (from_file.host, from_file.admin_host) == (host, host)
+    assert (from_env.host, from_env.admin_host) == (host, host)
+    assert from_flag.host == host
+
+
+def test_bracketed_hosts_are_checked():
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={**ENV, "MDCLOUD_PROXY_LISTEN_HOST": "[::]"})
+    assert str(info.value).startswith("listen.host: :: is not a loopback address")
+    for bad in ("[localhost]", "[127.0.0.1]", "[::1"):
+        with pytest.raises(ConfigError) as info:
+            load_config(environ={**ENV, "MDCLOUD_PROXY_ADMIN_HOST": bad})
+        assert str(info.value) == (
+            f"admin.host: {bad!r} is not an IPv6 address in brackets such as [::1]"
+        )
+
+
 INSECURE = "MDCLOUD_PROXY_UPSTREAM_ALLOW_INSECURE"
 WHAT_LEAKS = {
     "upstream.url": "access tokens and the apikey",
