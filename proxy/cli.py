@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _http_url(host: str, port: int) -> str:
+    # An IPv6 address needs brackets in a URL: http://::1:8080 is not one.
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 async def _wait_for_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -146,19 +151,16 @@ async def _run_proxy(config: Config, worker: int | None = None) -> None:
                 create_admin_app(app), config.admin_host, config.admin_port, "admin ", shared
             )
         log.info(
-            "%smdcloud-proxy %s listening on http://%s:%d, forwarding to %s (%s event loop)",
+            "%smdcloud-proxy %s listening on %s, forwarding to %s (%s event loop)",
             f"worker {worker} (pid {os.getpid()}): " if shared else "",
             __version__,
-            config.host,
-            runner.addresses[0][1],
+            _http_url(config.host, runner.addresses[0][1]),
             config.upstream_url,
             type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
         if admin is not None:
             log.info(
-                "health and metrics on http://%s:%d/-/",
-                config.admin_host,
-                admin.addresses[0][1],
+                "health and metrics on %s/-/", _http_url(config.admin_host, admin.addresses[0][1])
             )
         await _wait_for_signal()
     finally:
@@ -205,7 +207,7 @@ async def _run_demo(host: str, port: int) -> None:
         )
         proxy_runner = await _listen(create_app(config), config.host, config.port, "")
         try:
-            _print_demo_help(f"http://{config.host}:{proxy_runner.addresses[0][1]}", upstream)
+            _print_demo_help(_http_url(config.host, proxy_runner.addresses[0][1]), upstream)
             await _wait_for_signal()
         finally:
             await proxy_runner.cleanup()

@@ -34,6 +34,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     upstream_url: str = DEFAULT_UPSTREAM
+    allow_insecure_upstream: bool = False
     ca_file: str | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 300.0
@@ -89,11 +90,29 @@ def _text(value: object) -> str:
     return value.strip()
 
 
+def _host(value: object) -> str:
+    """An address or name to listen on; ``[::1]``, as IPv6 is written in URLs, means ``::1``."""
+    text = _text(value)
+    if not (text.startswith("[") or text.endswith("]")):
+        return text
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else ""
+    try:
+        return str(ipaddress.IPv6Address(inner))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv6 address in brackets such as [::1]") from None
+
+
+def _clean_secret(text: str) -> str:
+    # A BOM (Windows editors) or trailing whitespace (`echo`, CRLF, a stray space) is never
+    # part of a secret, and left in it fails later as a bare 401 and a long backoff.
+    return text.removeprefix("\ufeff").rstrip(" \t\r\n")
+
+
 def _secret(value: object) -> str:
     # Not _text: the message must never quote the value.
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not _clean_secret(value):
         raise ValueError("expected a non-empty string")
-    return value
+    return _clean_secret(value)
 
 
 def _integer(low: int, high: int, what: str) -> Callable[[object], int]:
@@ -157,12 +176,13 @@ def _networks(value: object) -> tuple[Network, ...]:
 
 def _keys(value: object) -> tuple[str, ...]:
     # Never quote a key in a message.
-    keys = _items(value)
-    if not keys or not all(isinstance(key, str) for key in keys):
+    items = _items(_clean_secret(value) if isinstance(value, str) else value)
+    if not items or not all(isinstance(item, str) for item in items):
         raise ValueError("expected one or more keys (strings)")
-    if any(len(str(key)) < MIN_KEY_LENGTH for key in keys):
+    keys = tuple(_clean_secret(str(item)) for item in items)
+    if any(len(key) < MIN_KEY_LENGTH for key in keys):
         raise ValueError(f"every key must be at least {MIN_KEY_LENGTH} characters long")
-    return tuple(str(key) for key in keys)
+    return keys
 
 
 def _seconds(value: object) -> float:
@@ -220,9 +240,11 @@ def _env(key: str) -> str:
 
 # Every accepted key, its parser, its environment variable and the Config field it fills.
 KEYS: dict[str, _Key] = {
-    "listen.host": _Key(_text, _env("listen.host"), "host"),
+    "listen.host": _Key(_host, _env("listen.host"), "host"),
     "listen.port": _Key(_port, _env("listen.port"), "port"),
     "upstream.url": _Key(_http_url, _env("upstream.url"), "upstream_url"),
+    "upstream.allow_insecure": _Key(_boolean, _env("upstream.allow_insecure"),
+                                    "allow_insecure_upstream"),
     "upstream.ca_file": _Key(_ca_bundle, _env("upstream.ca_file"), "ca_file"),
     "upstream.connect_timeout": _Key(_positive_seconds, _env("upstream.connect_timeout"),
                                      "connect_timeout"),
@@ -238,7 +260,7 @@ KEYS: dict[str, _Key] = {
     "limits.max_body_size": _Key(parse_size, _env("limits.max_body_size"), "max_body_size"),
     "replay.memory_limit": _Key(parse_size, _env("replay.memory_limit"), "replay_memory_limit"),
     "shutdown_timeout": _Key(_seconds, _env("shutdown_timeout"), "shutdown_timeout"),
-    "admin.host": _Key(_text, _env("admin.host"), "admin_host"),
+    "admin.host": _Key(_host, _env("admin.host"), "admin_host"),
     "admin.port": _Key(_port, _env("admin.port"), "admin_port"),
     "log.level": _Key(_choice("DEBUG", "INFO", "WARNING", "ERROR"), _env("log.level"),
                       "log_level"),
@@ -308,8 +330,7 @@ def _read_secret_file(key: str, path: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError(f"{key}: cannot read {path}: {reason}") from None
-    # Files written by editors and `echo` end in a newline that is not part of the secret.
-    secret = secret.removesuffix("\n").removesuffix("\r")
+    secret = _clean_secret(secret)
     if not secret:
         raise ConfigError(f"{key}: {path} is empty")
     return secret
@@ -363,6 +384,8 @@ def load_config(
     upstream = values.get("upstream.url", DEFAULT_UPSTREAM)
     values.setdefault("oauth.token_url", upstream + "/v4/oauth2/token")
     config = Config(**{KEYS[key].attr: value for key, value in values.items()})
+    if not config.allow_insecure_upstream:
+        _refuse_plain_http(config)
     protected = config.allowed_networks or config.inbound_keys or config.allow_unauthenticated
     if not _is_loopback(config.host) and not protected:
         raise ConfigError(
@@ -371,6 +394,25 @@ def load_config(
             "inbound.keys, or inbound.allow_unauthenticated: true to accept that"
         )
     return config
+
+
+# What crosses the network with each URL; a plain http:// URL to another machine shows it
+# to anyone on the path.
+_CARRIES = {
+    "upstream.url": "access tokens and the apikey",
+    "oauth.token_url": "the client secret and access tokens",
+}
+
+
+def _refuse_plain_http(config: Config) -> None:
+    for key, url in (("upstream.url", config.upstream_url), ("oauth.token_url", config.token_url)):
+        parsed = URL(url)
+        if parsed.scheme == "http" and not _is_loopback(parsed.host or ""):
+            raise ConfigError(
+                f"{key}: {url} is plain http:// to a host that is not loopback, so "
+                f"{_CARRIES[key]} would cross the network unencrypted; use https://, or set "
+                "upstream.allow_insecure: true to accept that"
+            )
 
 
 def _is_loopback(host: str) -> bool:

@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +20,20 @@ import pytest
 from .conftest import API_KEY, CLIENT_ID, CLIENT_SECRET, chunks, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _has_ipv6_loopback() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
 
 
 async def spawn(
@@ -341,3 +356,34 @@ async def test_a_spill_file_that_cannot_be_written_is_a_507_on_replay(sim, upstr
             out, _ = await proxy.communicate()
     assert proxy.returncode == 0
     assert b"Traceback" not in out and b"never retrieved" not in out, out.decode()
+
+
+@needs_ipv6
+async def test_bracketed_ipv6_host_listens_on_it_and_logs_a_usable_url(upstream, client):
+    env = {
+        **account_env(upstream),
+        "MDCLOUD_PROXY_ADMIN_HOST": "[::1]",
+        "MDCLOUD_PROXY_ADMIN_PORT": "0",
+    }
+    proxy = await spawn("--host", "[::1]", "--port", "0", env=env)
+    try:
+        base = (await wait_for_line(proxy, r"listening on (http://\[::1\]:\d+),")).group(1)
+        admin = (await wait_for_line(proxy, r"metrics on (http://\[::1\]:\d+)/-/")).group(1)
+        for url in (base, admin):
+            async with client.get(url + "/-/healthy") as resp:
+                assert resp.status == 200
+        async with client.get(base + "/v4/apikey/") as resp:
+            assert resp.status == 200
+    finally:
+        assert await stop(proxy) == 0
+
+
+@needs_ipv6
+async def test_demo_on_a_bracketed_ipv6_host(client):
+    proc = await spawn("--demo", "--host", "[::1]", "--port", "0")
+    try:
+        base = (await wait_for_line(proc, r"curl (http://\[::1\]:\d+)/v4/apikey/")).group(1)
+        async with client.get(base + "/v4/apikey/") as resp:
+            assert resp.status == 200
+    finally:
+        assert await stop(proc, signal.SIGINT) == 0

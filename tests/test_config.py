@@ -221,6 +221,107 @@ def test_loopback_needs_no_inbound_protection(host):
     assert load_config(environ={**ENV, "MDCLOUD_PROXY_LISTEN_HOST": host}).host == host
 
 
+@pytest.mark.parametrize(
+    ("given", "host"),
+    [("[::1]", "::1"), (" [::1] ", "::1"), ("[0:0:0:0:0:0:0:1]", "::1")],
+)
+def test_bracketed_ipv6_hosts_lose_their_brackets(tmp_path, given, host):
+    """`[::1]` is how IPv6 addresses are written in URLs, so people write it here too."""
+    path = tmp_path / "config.yaml"
+    path.write_text(f"listen:\n  host: '{given}'\nadmin:\n  host: '{given}'\n")
+    from_file = load_config(str(path), environ=ENV)
+    env = {**ENV, "MDCLOUD_PROXY_LISTEN_HOST": given, "MDCLOUD_PROXY_ADMIN_HOST": given}
+    from_env = load_config(environ=env)
+    from_flag = load_config(environ=ENV, overrides={"listen.host": given})
+    assert (from_file.host, from_file.admin_host) == (host, host)
+    assert (from_env.host, from_env.admin_host) == (host, host)
+    assert from_flag.host == host
+
+
+def test_bracketed_hosts_are_checked():
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={**ENV, "MDCLOUD_PROXY_LISTEN_HOST": "[::]"})
+    assert str(info.value).startswith("listen.host: :: is not a loopback address")
+    for bad in ("[localhost]", "[127.0.0.1]", "[::1"):
+        with pytest.raises(ConfigError) as info:
+            load_config(environ={**ENV, "MDCLOUD_PROXY_ADMIN_HOST": bad})
+        assert str(info.value) == (
+            f"admin.host: {bad!r} is not an IPv6 address in brackets such as [::1]"
+        )
+
+
+INSECURE = "MDCLOUD_PROXY_UPSTREAM_ALLOW_INSECURE"
+WHAT_LEAKS = {
+    "upstream.url": "access tokens and the apikey",
+    "oauth.token_url": "the client secret and access tokens",
+}
+
+
+@pytest.mark.parametrize(
+    ("env", "key", "url"),
+    [
+        ({"MDCLOUD_PROXY_UPSTREAM_URL": "http://md.example:8080/"}, "upstream.url",
+         "http://md.example:8080"),
+        ({"MDCLOUD_PROXY_UPSTREAM_URL": "http://[2001:db8::1]"}, "upstream.url",
+         "http://[2001:db8::1]"),
+        ({"MDCLOUD_PROXY_UPSTREAM_URL": "http://10.1.2.3"}, "upstream.url", "http://10.1.2.3"),
+        ({"MDCLOUD_PROXY_OAUTH_TOKEN_URL": "http://auth.example/token"}, "oauth.token_url",
+         "http://auth.example/token"),
+        ({"MDCLOUD_PROXY_UPSTREAM_URL": "http://127.0.0.1:9000",
+          "MDCLOUD_PROXY_OAUTH_TOKEN_URL": "http://192.168.1.9/t"}, "oauth.token_url",
+         "http://192.168.1.9/t"),
+    ],
+)  # fmt: skip
+def test_plain_http_to_a_remote_host_needs_allow_insecure(env, key, url):
+    """Over http:// to another machine the secret and the tokens cross the network in clear."""
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={**ENV, **env})
+    assert str(info.value) == (
+        f"{key}: {url} is plain http:// to a host that is not loopback, so {WHAT_LEAKS[key]} "
+        "would cross the network unencrypted; use https://, or set "
+        "upstream.allow_insecure: true to accept that"
+    )
+    config = load_config(environ={**ENV, **env, INSECURE: "true"})
+    assert config.allow_insecure_upstream is True
+    assert url in (config.upstream_url, config.token_url)
+
+
+def test_allow_insecure_from_the_file_covers_both_urls(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "upstream:\n  url: http://md.example\n  allow_insecure: true\n"
+        "oauth:\n  token_url: http://auth.example/token\n"
+    )
+    config = load_config(str(path), environ=ENV)
+    assert (config.upstream_url, config.token_url) == (
+        "http://md.example",
+        "http://auth.example/token",
+    )
+    with pytest.raises(ConfigError, match=r"^upstream.allow_insecure: 'sure' is not true or"):
+        load_config(str(path), environ={**ENV, INSECURE: "sure"})
+    with pytest.raises(ConfigError, match=r"^upstream.url: http://md.example is plain http://"):
+        load_config(str(path), environ={**ENV, INSECURE: "false"})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9000",
+        "http://127.9.9.9",
+        "http://[::1]:9000",
+        "http://localhost:9000",
+        "http://LocalHost",
+        "https://md.example",
+        "https://10.1.2.3:8443",
+    ],
+)
+def test_https_or_loopback_needs_no_switch(url):
+    for name in ("MDCLOUD_PROXY_UPSTREAM_URL", "MDCLOUD_PROXY_OAUTH_TOKEN_URL"):
+        config = load_config(environ={**ENV, name: url})
+        assert url.rstrip("/") in (config.upstream_url, config.token_url)
+        assert config.allow_insecure_upstream is False
+
+
 def test_inbound_keys(tmp_path):
     keys = ["first-key-0123456789", "second-key-0123456789"]
     path = tmp_path / "keys"
@@ -274,3 +375,77 @@ def test_command_exits_before_listening_with_one_line(tmp_path):
     assert result.stderr == (
         "mdcloud-proxy: configuration error: listen.port: -5 is not a port number (0-65535)\n"
     )
+
+
+SECRET_FILES = [
+    ("MDCLOUD_CLIENT_SECRET_FILE", "client_secret"),
+    ("MDCLOUD_API_KEY_FILE", "api_key"),
+    ("MDCLOUD_PROXY_INBOUND_KEYS_FILE", "inbound_keys"),
+]
+# What editors, Windows tools, `echo` and here-documents add around a secret.
+DIRTY = [
+    "\ufeff{}",
+    "{}\r\n",
+    "{}\n\n",
+    "{} ",
+    "{}\t\n",
+    "\ufeff{}\r\n\r\n",
+]
+
+
+def _secret_of(config: Config, attr: str) -> object:
+    value = getattr(config, attr)
+    return value[0] if attr == "inbound_keys" else value
+
+
+@pytest.mark.parametrize("dirty", DIRTY)
+@pytest.mark.parametrize(("name", "attr"), SECRET_FILES)
+def test_secret_files_lose_a_bom_and_trailing_whitespace(tmp_path, name, attr, dirty):
+    path = tmp_path / "secret"
+    path.write_bytes(dirty.format(CLIENT_SECRET).encode())
+    env = {**ENV, name: str(path)}
+    if name == "MDCLOUD_CLIENT_SECRET_FILE":
+        del env["MDCLOUD_CLIENT_SECRET"]
+    assert _secret_of(load_config(environ=env), attr) == CLIENT_SECRET
+
+
+@pytest.mark.parametrize("dirty", DIRTY)
+@pytest.mark.parametrize(
+    ("name", "attr"),
+    [
+        ("MDCLOUD_CLIENT_SECRET", "client_secret"),
+        ("MDCLOUD_API_KEY", "api_key"),
+        ("MDCLOUD_PROXY_INBOUND_KEYS", "inbound_keys"),
+    ],
+)
+def test_secrets_from_the_environment_are_cleaned_alike(name, attr, dirty):
+    """`MDCLOUD_CLIENT_SECRET=$(cat file)` keeps a BOM, and `\r` from a CRLF file."""
+    config = load_config(environ={**ENV, name: dirty.format(CLIENT_SECRET)})
+    assert _secret_of(config, attr) == CLIENT_SECRET
+
+
+def test_inbound_keys_file_with_bom_and_crlf(tmp_path):
+    keys = ["first-key-0123456789", "second-key-0123456789"]
+    path = tmp_path / "keys"
+    path.write_bytes(("\ufeff" + "\r\n".join(keys) + "\r\n").encode())
+    config = load_config(environ={**ENV, "MDCLOUD_PROXY_INBOUND_KEYS_FILE": str(path)})
+    assert config.inbound_keys == tuple(keys)
+
+
+def test_a_secret_file_of_only_whitespace_is_empty(tmp_path):
+    path = tmp_path / "secret"
+    path.write_bytes(b"\xef\xbb\xbf \r\n\t\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"MDCLOUD_CLIENT_ID": "x", "MDCLOUD_CLIENT_SECRET_FILE": str(path)})
+    assert str(info.value) == f"oauth.client_secret_file: {path} is empty"
+
+
+async def test_a_client_secret_file_from_windows_still_gets_a_token(
+    tmp_path, make_proxy, sim, client
+):
+    path = tmp_path / "client_secret"
+    path.write_bytes(b"\xef\xbb\xbf" + CLIENT_SECRET.encode() + b"\r\n")
+    proxy = await make_proxy(**{"oauth.client_secret": None, "oauth.client_secret_file": str(path)})
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200
+    assert sim.token_requests == 1
