@@ -19,7 +19,8 @@ from .app import create_admin_app, create_app, drain, serve
 from .check import check, print_token
 from .config import Config, load_config
 from .errors import ConfigError, describe
-from .logs import setup_logging
+from .listener import raise_descriptor_limit
+from .logs import setup_logging, throttle_loop_errors
 from .simulator import Simulator
 from .workers import run_workers
 
@@ -141,6 +142,7 @@ def _serve(config: Config, worker: int | None = None) -> int:
 
 
 async def _run_proxy(config: Config, worker: int | None = None) -> None:
+    throttle_loop_errors(asyncio.get_running_loop())
     app = create_app(config)
     shared = worker is not None  # workers share their ports
     runner = await _listen(app, config.host, config.port, "", shared)
@@ -277,6 +279,12 @@ def _command(args: argparse.Namespace) -> int:
         return 0 if asyncio.run(check(config, sys.stdout)) else 1
     if args.command == "token":
         return 0 if asyncio.run(print_token(config, sys.stdout, sys.stderr)) else 1
+    limit, before = raise_descriptor_limit()
+    log.info(
+        "open-file limit %d%s; each request in flight holds two",
+        limit,
+        f" (raised from {before})" if limit != before else "",
+    )
     if config.workers == 1:
         return _serve(config)
     _loop_factory(config.loop)  # a missing uvloop is a configuration error, before the fork

@@ -1,0 +1,190 @@
+"""Resource exhaustion: the proxy in its own process with few descriptors, flooded on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .conftest import CLIENT_ID, CLIENT_SECRET
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Child:
+    """``python -m proxy`` with a soft and hard limit of ``files`` descriptors."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, url: str, output: list[bytes]):
+        self.proc, self.url, self.output = proc, url, output
+
+    @property
+    def lines(self) -> int:
+        return b"".join(self.output).count(b"\n")
+
+
+@pytest.fixture
+async def child(upstream: str) -> AsyncIterator[Callable[..., object]]:
+    children: list[Child] = []
+
+    async def _start(files: int, *args: str, **settings: str) -> Child:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MDCLOUD")}
+        settings = {
+            "UPSTREAM_URL": upstream,
+            "LISTEN_PORT": "0",
+            "SHUTDOWN_TIMEOUT": "1",
+            **settings,
+        }
+        env.update(
+            MDCLOUD_CLIENT_ID=CLIENT_ID,
+            MDCLOUD_CLIENT_SECRET=CLIENT_SECRET,
+            MDCLOUD_PROXY_OAUTH_TOKEN_URL=upstream + "/v4/oauth2/token",
+            **{"MDCLOUD_PROXY_" + k: v for k, v in settings.items()},
+        )
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))
+
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            *args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+            preexec_fn=limit,
+        )
+        assert proc.stderr is not None
+        output: list[bytes] = []
+        async with asyncio.timeout(15):
+            while True:
+                line = await proc.stderr.readline()
+                assert line, b"".join(output).decode()
+                output.append(line)
+                if b"listening on http://" in line:
+                    port = int(line.rsplit(b"listening on http://127.0.0.1:", 1)[1].split(b",")[0])
+                    break
+
+        async def drain_output() -> None:
+            assert proc.stderr is not None
+            while line := await proc.stderr.readline():
+                output.append(line)
+
+        started = Child(proc, f"http://127.0.0.1:{port}", output)
+        started.reader = asyncio.create_task(drain_output())  # type: ignore[attr-defined]
+        children.append(started)
+        return started
+
+    yield _start
+    for started in children:
+        if started.proc.returncode is None:
+            started.proc.terminate()
+        async with asyncio.timeout(15):
+            await started.proc.wait()
+            await started.reader  # type: ignore[attr-defined]
+
+
+async def get_status(session: aiohttp.ClientSession, url: str) -> int | str:
+    try:
+        async with session.get(url) as resp:
+            await resp.read()
+            return resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_a_flood_of_idle_connections_passes_and_leaves_no_log_storm(child, loop):
+    proxy = await child(256, "--loop", loop, LISTEN_HEADER_TIMEOUT="1")
+    flood = []
+    for _ in range(300):  # more connections than the proxy has descriptors
+        flood.append(await asyncio.open_connection("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])))
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        # Meanwhile callers get a quick answer (a 503 saying why), never a hang.
+        started = time.monotonic()
+        status = await get_status(session, proxy.url + "/v4/apikey/")
+        assert status in (200, 503, "ClientOSError", "ServerDisconnectedError")
+        assert time.monotonic() - started < 2.5
+        # The idle connections run out of time; the proxy recovers by itself.
+        async with asyncio.timeout(10):
+            while await get_status(session, proxy.url + "/v4/apikey/") != 200:
+                await asyncio.sleep(0.1)
+    for _, writer in flood:
+        writer.close()
+    assert proxy.proc.returncode is None
+    assert proxy.lines < 40, b"".join(proxy.output).decode()[-3000:]
+
+
+async def test_many_requests_to_a_slow_upstream_wait_for_a_connection(
+    child, handler_upstream, upstream
+):
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)
+        return web.json_response({"ok": True})
+
+    slow_url = await handler_upstream(slow)
+    proxy = await child(
+        200,
+        UPSTREAM_URL=slow_url,
+        UPSTREAM_MAX_CONNECTIONS="32",
+    )
+    # 95 callers at once: with an upstream connection each, the proxy would need 190
+    # descriptors and more; the pool holds 32 and the rest wait their turn.
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        statuses = await asyncio.gather(
+            *(get_status(session, proxy.url + f"/v4/file/{i}") for i in range(95))
+        )
+    assert statuses == [200] * 95
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_many_slow_uploads_stay_within_the_memory_budget(child, handler_upstream):
+    received = 0
+
+    async def reading(request: web.Request) -> web.Response:
+        nonlocal received
+        async for chunk in request.content.iter_any():
+            received += len(chunk)
+        return web.json_response({"data_id": "x"})
+
+    proxy = await child(
+        4096, UPSTREAM_URL=await handler_upstream(reading), UPSTREAM_MAX_CONNECTIONS="512"
+    )
+    port = int(proxy.url.rsplit(":", 1)[1])
+    before = peak_rss_mib(proxy.proc.pid)
+    part = os.urandom(2 * 1024 * 1024)
+    head = b"POST /v4/file HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (2 * len(part))
+
+    async def upload_half() -> asyncio.StreamWriter:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head + part)  # then nothing: the second half never comes
+        await writer.drain()
+        return writer
+
+    writers = await asyncio.gather(*(upload_half() for _ in range(300)))
+    # Every upload's first 2 MiB went through the proxy to the upstream.
+    async with asyncio.timeout(30):
+        while received < 300 * len(part):
+            await asyncio.sleep(0.1)
+    peak = peak_rss_mib(proxy.proc.pid)
+    for writer in writers:
+        writer.close()
+    # 300 x 2 MiB held: 600 MiB without a total budget (replay.memory_total, 64 MiB).
+    assert peak - before < 140, f"peak RSS {peak:.0f} MiB, {before:.0f} MiB at start"
