@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import tempfile
 from collections import deque
@@ -13,6 +14,8 @@ from aiohttp import StreamReader
 from .errors import BodyError
 
 __all__ = ["ReplayableBody"]
+
+log = logging.getLogger("mdcloud_proxy.body")
 
 READ_SIZE = 256 * 1024
 # Bytes of the body that may wait in memory for a worker thread to write them to the file.
@@ -26,13 +29,25 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def _copy_failed(exc: OSError) -> BodyError:
+    return BodyError(
+        f"cannot keep a copy of the body for a replay: {exc.strerror} "
+        "(the temporary directory, TMPDIR)",
+        status=507,
+        code=507001,
+    )
+
+
 class _SpillFile:
     """An unlinked temporary file that worker threads write, so that a slow disk never stalls
     the event loop (which meanwhile forwards the body); at most PENDING_LIMIT bytes wait."""
 
     def __init__(self) -> None:
-        # TemporaryFile is unlinked at once on POSIX: nothing is left behind on a crash.
-        self._file = tempfile.TemporaryFile(prefix="mdcloud-proxy-")  # noqa: SIM115
+        try:
+            # TemporaryFile is unlinked at once on POSIX: nothing is left behind on a crash.
+            self._file = tempfile.TemporaryFile(prefix="mdcloud-proxy-")  # noqa: SIM115
+        except OSError as exc:
+            raise _copy_failed(exc) from None
         self._fd = self._file.fileno()
         self._pending: deque[tuple[asyncio.Future[None], int]] = deque()
         self._pending_bytes = 0
@@ -57,12 +72,7 @@ class _SpillFile:
         try:
             await write
         except OSError as exc:
-            raise BodyError(
-                f"cannot keep a copy of the body for a replay: {exc.strerror} "
-                "(the temporary directory, TMPDIR)",
-                status=507,
-                code=507001,
-            ) from None
+            raise _copy_failed(exc) from None
         finally:
             if self._pending and self._pending[0][0] is write:
                 self._pending.popleft()
@@ -91,6 +101,9 @@ class ReplayableBody:
     then goes on reading the caller's stream. The caller's stream is read once, never twice,
     and a newer attempt supersedes an older one, whose iterator then stops. ``close()`` drops
     the copy; it must be called when the request ends.
+
+    If the file cannot be written (a full disk), capturing stops and ``not_replayable`` says
+    why: the attempt under way goes on from the caller's stream, only a replay fails (507).
     """
 
     def __init__(self, source: StreamReader, *, memory_limit: int, max_size: int):
@@ -106,6 +119,7 @@ class ReplayableBody:
         self._closed = False
         self._lock = asyncio.Lock()
         self.error: BodyError | None = None
+        self.not_replayable: BodyError | None = None
 
     @property
     def delivered(self) -> bool:
@@ -129,7 +143,7 @@ class ReplayableBody:
         position = 0
         while attempt == self._attempt and not self._closed:
             if position < self._size:
-                if self._file is not None and position >= len(self._memory):
+                if position >= len(self._memory):
                     await self._settle()
                 chunk = self._captured(position)
             elif self._eof:
@@ -171,16 +185,14 @@ class ReplayableBody:
                 code=413001,
             )
             raise self.error
-        try:
-            await self._capture(chunk)
-        except BodyError as exc:  # the spill file could not be written
-            self.error = exc
-            raise
+        await self._capture(chunk)
         return chunk
 
     async def _settle(self) -> None:
-        assert self._file is not None
         try:
+            if self.not_replayable is not None:
+                raise self.not_replayable
+            assert self._file is not None
             await self._file.settle()
         except BodyError as exc:
             self.error = exc
@@ -194,7 +206,16 @@ class ReplayableBody:
             self._memory += chunk[:room]
             chunk = chunk[room:]
             offset = 0
-        if chunk:
-            if self._file is None:
-                self._file = _SpillFile()
-            await self._file.write(chunk, offset)
+        if chunk and self.not_replayable is None:
+            try:
+                if self._file is None:
+                    self._file = _SpillFile()
+                await self._file.write(chunk, offset)
+            except BodyError as exc:
+                # Only a replay needs the copy; this attempt streams on without it, and
+                # nothing more is kept (not in memory either: memory stays bounded).
+                log.warning("%s; a replay of this request would fail", exc.message)
+                self.not_replayable = exc
+                if self._file is not None:
+                    self._file.close()
+                    self._file = None

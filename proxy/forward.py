@@ -273,6 +273,8 @@ class Forwarder:
         self._tokens.invalidate(token)
         outcome = "failed"
         try:
+            if body is not None and body.not_replayable is not None:
+                raise body.not_replayable  # the copy is not whole: sending it could not help
             token = await self._tokens.get()
             resp = await self._send(request.method, url, headers, token, body)
             # A 401 to a fresh token is passed on: replaying again could not help.

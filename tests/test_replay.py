@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import resource
+import signal
+import sys
 import tempfile
 
 import pytest
 from yarl import URL
 
 from .conftest import chunks, open_deleted_files, random_payload
+from .test_cli import ROOT, account_env, wait_for_line
 
 MiB = 1024 * 1024
 
@@ -183,3 +187,51 @@ async def test_caller_hanging_up_mid_upload_cancels_upstream_and_cleans_up(sim, 
     assert not any(r.body_sha256 for r in sim.requests if r.raw_path == "/v4/file")
     async with client.get(proxy.url + "/v4/apikey/") as resp:
         assert resp.status == 200, "the proxy serves on"
+
+
+@pytest.mark.parametrize(
+    "file_size_limit", [1 * MiB, 0], ids=["spill-file-fills-up", "no-spill-file-at-all"]
+)
+async def test_a_spill_file_that_cannot_be_written_fails_only_the_replay(
+    sim, upstream, client, file_size_limit
+):
+    """Only a replay needs the copy: with no room for it (here the proxy process may not
+    write files past a size, as on a full disk; at 0 not even tempfile's probe file), a first
+    attempt streams on and arrives whole. 20 MiB: more than the writes that may be queued."""
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    env = {**account_env(upstream), "MDCLOUD_PROXY_REPLAY_MEMORY_LIMIT": "64KiB"}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MDCLOUD")}
+    proxy = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "--port", "0", env={**clean, **env}, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        preexec_fn=limit_files,
+    )  # fmt: skip
+    try:
+        base = (await wait_for_line(proxy, r"listening on (http://127\.0\.0\.1:\d+)")).group(1)
+        data, digest = random_payload(20 * MiB)
+        async with client.post(base + "/v4/file", data=chunks(data)) as resp:
+            assert resp.status == 200, await resp.text()
+        assert sim.requests[-1].body_sha256 == digest
+        assert sim.requests[-1].body_size == len(data)
+
+        sim.expire_tokens()  # now the upload must be replayed, and its copy is not whole
+        async with client.post(base + "/v4/file", data=chunks(data)) as resp:
+            assert resp.status == 507
+            body = await resp.json()
+        assert body["error"]["code"] == 507001
+        assert body["error"]["messages"][0].startswith(
+            "mdcloud-proxy: cannot keep a copy of the body for a replay: "
+        )
+        uploads = sum(r.raw_path == "/v4/file" for r in sim.requests)
+        assert uploads == 2, "the replay is not sent: it could not send the whole body"
+        async with client.get(base + "/v4/apikey/") as resp:
+            assert resp.status == 200
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            out, _ = await proxy.communicate()
+    assert proxy.returncode == 0
+    assert b"Traceback" not in out and b"never retrieved" not in out, out.decode()
