@@ -65,6 +65,23 @@ def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> list[tupl
     return [(name, value) for name, value in headers.items() if name.lower() not in drop]
 
 
+def _not_utf8(headers: list[tuple[str, str]]) -> str | None:
+    """The name of the first header whose value is not valid UTF-8, or None.
+
+    aiohttp's parsers (C and pure-Python) decode header bytes as UTF-8 with surrogateescape and
+    its writers encode UTF-8: valid UTF-8 goes on byte for byte, but of other bytes (obs-text)
+    the C writer drops the escaped ones and the pure-Python one raises. Such a value cannot be
+    passed on unaltered. Names are tokens (both parsers refuse others).
+    """
+    for name, value in headers:
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return name
+    return None
+
+
 class _Relayed(web.StreamResponse):
     """A streamed answer whose headers go out with its first body bytes, in one write.
 
@@ -197,21 +214,18 @@ class Forwarder:
                 request.content, memory_limit=self._memory_limit, max_size=self._max_body_size
             )
         try:
-            try:
-                resp, peeked = await self._exchange(request, body)
-            except ProxyError as exc:
-                log.warning(
-                    "%s %s failed: %s", request.method, request_target(request), exc.message
-                )
-                headers = None
-                if isinstance(exc, TokenError) and exc.retry_after:
-                    headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-                return exc.response(headers)
+            resp, peeked = await self._exchange(request, body)
             try:
                 return await self._relay(request, resp, peeked)
             finally:
                 # Back to the pool when the answer was read to the end, closed otherwise.
                 resp.release()
+        except ProxyError as exc:  # raised before anything was sent to the caller
+            log.warning("%s %s failed: %s", request.method, request_target(request), exc.message)
+            headers = None
+            if isinstance(exc, TokenError) and exc.retry_after:
+                headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+            return exc.response(headers)
         finally:
             if body is not None:
                 body.close()
@@ -223,15 +237,20 @@ class Forwarder:
 
         Returns the answer to relay and the part of its body already read.
         """
+        forwarded = _filtered(request.headers, _NOT_FORWARDED)
+        not_utf8 = _not_utf8(forwarded)
+        if not_utf8 is not None:
+            raise ProxyError(
+                f"request header {not_utf8} is not valid UTF-8; it cannot be passed on unaltered",
+                status=400,
+                code=400004,
+            )
         # aiohttp's ClientSession merges headers by a case-sensitive set of names into a
         # case-insensitive dict, so "X-A: 1" then "x-a: 2" would reach the upstream as "x-a: 2"
         # alone. Names are case-insensitive (RFC 9110 5.1): spell each repeat like the first.
         spelling: dict[str, str] = {}
         headers = CIMultiDict(
-            [
-                (spelling.setdefault(name.lower(), name), value)
-                for name, value in _filtered(request.headers, _NOT_FORWARDED)
-            ]
+            [(spelling.setdefault(name.lower(), name), value) for name, value in forwarded]
         )
         if self._api_key is not None:
             headers.popall("apikey", None)
@@ -312,8 +331,17 @@ class Forwarder:
         self, request: web.Request, resp: aiohttp.ClientResponse, peeked: bytes
     ) -> web.StreamResponse:
         """Stream the upstream answer to the caller; abort the connection if it breaks off."""
+        headers = _filtered(resp.headers, _NOT_RETURNED)
+        not_utf8 = _not_utf8(headers)
+        if not_utf8 is not None:
+            raise ProxyError(
+                f"upstream answer header {not_utf8} is not valid UTF-8; "
+                "it cannot be passed on unaltered",
+                status=502,
+                code=502005,
+            )
         out = _Relayed(status=resp.status, reason=resp.reason)
-        out.headers.extend(_filtered(resp.headers, _NOT_RETURNED))
+        out.headers.extend(headers)
         out.content_length = resp.content_length
         await out.prepare(request)
         request[SENT] = 0
