@@ -9,6 +9,7 @@ from ssl import SSLContext
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -82,6 +83,20 @@ def _not_utf8(headers: list[tuple[str, str]]) -> str | None:
     return None
 
 
+def _head_too_large(exc: aiohttp.ClientResponseError) -> str | None:
+    """What was too large in an answer head aiohttp's client refused, or None for other errors.
+
+    The ClientResponseError is raised from a copy of the parser's error, whose cause is the
+    parser's error itself.
+    """
+    parsed = exc.__cause__.__cause__ if exc.__cause__ is not None else None
+    if isinstance(parsed, LineTooLong):
+        return f"a line of more than {parsed.args[1]} bytes"
+    if isinstance(parsed, BadHttpMessage) and parsed.message.startswith("Too many headers"):
+        return "too many header lines"
+    return None
+
+
 class _Relayed(web.StreamResponse):
     """A streamed answer whose headers go out with its first body bytes, in one write.
 
@@ -145,6 +160,13 @@ def _upstream_failure(exc: BaseException, url: URL, body: ReplayableBody | None)
             f"cannot connect to upstream {url.host}:{url.port}: {describe(exc)}",
             status=502,
             code=502001,
+        )
+    too_large = _head_too_large(exc) if isinstance(exc, aiohttp.ClientResponseError) else None
+    if too_large is not None:
+        return ProxyError(
+            f"upstream answer headers too large: {url.host} sent {too_large}",
+            status=502,
+            code=502004,
         )
     return ProxyError(
         f"upstream {url.host} connection failed ({describe(exc)})",
