@@ -9,6 +9,7 @@ from ssl import SSLContext
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -63,6 +64,37 @@ def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> list[tupl
     if connection:
         drop = drop | {name.strip().lower() for value in connection for name in value.split(",")}
     return [(name, value) for name, value in headers.items() if name.lower() not in drop]
+
+
+def _not_utf8(headers: list[tuple[str, str]]) -> str | None:
+    """The name of the first header whose value is not valid UTF-8, or None.
+
+    aiohttp's parsers (C and pure-Python) decode header bytes as UTF-8 with surrogateescape and
+    its writers encode UTF-8: valid UTF-8 goes on byte for byte, but of other bytes (obs-text)
+    the C writer drops the escaped ones and the pure-Python one raises. Such a value cannot be
+    passed on unaltered. Names are tokens (both parsers refuse others).
+    """
+    for name, value in headers:
+        if not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return name
+    return None
+
+
+def _head_too_large(exc: aiohttp.ClientResponseError) -> str | None:
+    """What was too large in an answer head aiohttp's client refused, or None for other errors.
+
+    The ClientResponseError is raised from a copy of the parser's error, whose cause is the
+    parser's error itself.
+    """
+    parsed = exc.__cause__.__cause__ if exc.__cause__ is not None else None
+    if isinstance(parsed, LineTooLong):
+        return f"a line of more than {parsed.args[1]} bytes"
+    if isinstance(parsed, BadHttpMessage) and parsed.message.startswith("Too many headers"):
+        return "too many header lines"
+    return None
 
 
 class _Relayed(web.StreamResponse):
@@ -128,6 +160,13 @@ def _upstream_failure(exc: BaseException, url: URL, body: ReplayableBody | None)
             f"cannot connect to upstream {url.host}:{url.port}: {describe(exc)}",
             status=502,
             code=502001,
+        )
+    too_large = _head_too_large(exc) if isinstance(exc, aiohttp.ClientResponseError) else None
+    if too_large is not None:
+        return ProxyError(
+            f"upstream answer headers too large: {url.host} sent {too_large}",
+            status=502,
+            code=502004,
         )
     return ProxyError(
         f"upstream {url.host} connection failed ({describe(exc)})",
@@ -197,21 +236,18 @@ class Forwarder:
                 request.content, memory_limit=self._memory_limit, max_size=self._max_body_size
             )
         try:
-            try:
-                resp, peeked = await self._exchange(request, body)
-            except ProxyError as exc:
-                log.warning(
-                    "%s %s failed: %s", request.method, request_target(request), exc.message
-                )
-                headers = None
-                if isinstance(exc, TokenError) and exc.retry_after:
-                    headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-                return exc.response(headers)
+            resp, peeked = await self._exchange(request, body)
             try:
                 return await self._relay(request, resp, peeked)
             finally:
                 # Back to the pool when the answer was read to the end, closed otherwise.
                 resp.release()
+        except ProxyError as exc:  # raised before anything was sent to the caller
+            log.warning("%s %s failed: %s", request.method, request_target(request), exc.message)
+            headers = None
+            if isinstance(exc, TokenError) and exc.retry_after:
+                headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
+            return exc.response(headers)
         finally:
             if body is not None:
                 body.close()
@@ -223,15 +259,20 @@ class Forwarder:
 
         Returns the answer to relay and the part of its body already read.
         """
+        forwarded = _filtered(request.headers, _NOT_FORWARDED)
+        not_utf8 = _not_utf8(forwarded)
+        if not_utf8 is not None:
+            raise ProxyError(
+                f"request header {not_utf8} is not valid UTF-8; it cannot be passed on unaltered",
+                status=400,
+                code=400004,
+            )
         # aiohttp's ClientSession merges headers by a case-sensitive set of names into a
         # case-insensitive dict, so "X-A: 1" then "x-a: 2" would reach the upstream as "x-a: 2"
         # alone. Names are case-insensitive (RFC 9110 5.1): spell each repeat like the first.
         spelling: dict[str, str] = {}
         headers = CIMultiDict(
-            [
-                (spelling.setdefault(name.lower(), name), value)
-                for name, value in _filtered(request.headers, _NOT_FORWARDED)
-            ]
+            [(spelling.setdefault(name.lower(), name), value) for name, value in forwarded]
         )
         if self._api_key is not None:
             headers.popall("apikey", None)
@@ -312,8 +353,17 @@ class Forwarder:
         self, request: web.Request, resp: aiohttp.ClientResponse, peeked: bytes
     ) -> web.StreamResponse:
         """Stream the upstream answer to the caller; abort the connection if it breaks off."""
+        headers = _filtered(resp.headers, _NOT_RETURNED)
+        not_utf8 = _not_utf8(headers)
+        if not_utf8 is not None:
+            raise ProxyError(
+                f"upstream answer header {not_utf8} is not valid UTF-8; "
+                "it cannot be passed on unaltered",
+                status=502,
+                code=502005,
+            )
         out = _Relayed(status=resp.status, reason=resp.reason)
-        out.headers.extend(_filtered(resp.headers, _NOT_RETURNED))
+        out.headers.extend(headers)
         out.content_length = resp.content_length
         await out.prepare(request)
         request[SENT] = 0

@@ -272,6 +272,36 @@ async def test_malformed_upstream_answers_are_a_502(
     await assert_no_leak_over_repeats(fault, healthy(proxy))
 
 
+@pytest.mark.security
+@pytest.mark.parametrize(
+    ("head", "what"),
+    [
+        (b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"a" * 48) for i in range(1600)), "too many"),
+        (b"X-Filler: " + b"a" * (100 * 1024) + b"\r\n", "a line of more than 8190 bytes"),
+    ],
+    ids=["100-KiB-of-headers", "one-100-KiB-header"],
+)
+async def test_answer_headers_too_large_are_a_502_that_says_so(
+    proxy_before, raw_server, client, healthy, head, what
+):
+    async def answer_with(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    _, url = await raw_server(answer_with)
+    proxy = await proxy_before(url)
+
+    async def fault() -> None:
+        async with client.get(proxy.url + "/v4/apikey/") as resp:
+            status, code, message = await md_error(resp)
+        assert (status, code) == (502, 502004)
+        assert message.startswith("mdcloud-proxy: upstream answer headers too large: 127.0.0.1 ")
+        assert what in message
+
+    await assert_no_leak_over_repeats(fault, healthy(proxy))
+
+
 async def test_upstream_closing_mid_answer_aborts_the_caller(
     proxy_before, raw_server, client, healthy
 ):

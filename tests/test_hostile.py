@@ -117,3 +117,66 @@ async def test_oversize_chunked_body_is_cut_off(sim, make_proxy):
     )
     assert resp.status == 413
     assert all(r.body_sha256 is None for r in api_requests(sim))
+
+
+# obs-text: aiohttp decodes header bytes as UTF-8 (surrogateescape) and sends them encoded as
+# UTF-8, so valid UTF-8 can pass on byte for byte; other bytes cannot and are refused.
+UTF8 = b"caf\xc3\xa9 \xe2\x82\xac\t\xf0\x9f\x98\x80 \xc2\xa0end"
+NOT_UTF8 = {
+    "utf-8 then 0xff": b"\xc3\xa9\xff",
+    "latin-1": b"caf\xe9",
+    "lone continuation byte": b"\x80",
+    "encoded surrogate": b"\xed\xa0\x80",
+    "truncated sequence": b"\xe2\x82",
+}
+
+
+async def test_utf8_request_header_values_arrive_byte_for_byte(sim, proxy):
+    resp = await raw_exchange(
+        proxy.port,
+        GET
+        + b"X-A: "
+        + UTF8
+        + b"\r\nx-a: \xc3\xa9\r\n"
+        + b"X-Forwarded-For: \xff\r\n"  # not forwarded, so it does not matter
+        + b"Connection: close\r\n\r\n",
+    )
+    assert resp.status == 200
+    seen = api_requests(sim)[-1]  # raw bytes, decoded as latin-1
+    assert [(n, v.encode("latin-1")) for n, v in seen.headers if n.lower() == "x-a"] == [
+        ("X-A", UTF8),
+        ("X-A", b"\xc3\xa9"),
+    ]
+
+
+@pytest.mark.parametrize("value", NOT_UTF8.values(), ids=NOT_UTF8.keys())
+async def test_request_header_values_that_are_not_utf8_are_refused(sim, proxy, value):
+    resp = await raw_exchange(
+        proxy.port, GET + b"X-A: ok\r\nX-Obs: " + value + b"\r\nConnection: close\r\n\r\n"
+    )
+    assert resp.status == 400
+    assert b'"code": 400004' in resp.body
+    assert b"request header X-Obs is not valid UTF-8" in resp.body
+    assert api_requests(sim) == []
+
+
+async def test_utf8_answer_header_values_arrive_byte_for_byte(proxy_before, raw_upstream):
+    _, url = await raw_upstream(
+        b"HTTP/1.1 200 OK\r\nX-A: " + UTF8 + b"\r\nx-a: \xc3\xa9\r\nContent-Length: 0\r\n\r\n"
+    )
+    proxy = await proxy_before(url)
+    resp = await raw_exchange(proxy.port, GET + b"Connection: close\r\n\r\n")
+    assert resp.status == 200
+    assert [v.encode("latin-1") for v in resp.header("X-A")] == [UTF8, b"\xc3\xa9"]
+
+
+@pytest.mark.parametrize("value", NOT_UTF8.values(), ids=NOT_UTF8.keys())
+async def test_answer_header_values_that_are_not_utf8_are_a_502(proxy_before, raw_upstream, value):
+    _, url = await raw_upstream(
+        b"HTTP/1.1 200 OK\r\nX-Obs: " + value + b"\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    proxy = await proxy_before(url)
+    resp = await raw_exchange(proxy.port, GET + b"Connection: close\r\n\r\n")
+    assert resp.status == 502
+    assert b'"code": 502005' in resp.body
+    assert b"upstream answer header X-Obs is not valid UTF-8" in resp.body
