@@ -17,12 +17,14 @@ from cachetools import TLRUCache
 
 from .errors import TokenError, describe
 
-__all__ = ["ClientCredentials", "Token", "TokenCache"]
+__all__ = ["ClientCredentials", "Token", "TokenCache", "read_up_to"]
 
 log = logging.getLogger("mdcloud_proxy.tokens")
 
 Clock = Callable[[], float]
 DEFAULT_LIFETIME = 3600.0
+# A token answer is a few hundred bytes; one this large is something else.
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,22 @@ class Token:
     access_token: str = field(repr=False)
     expires_at: float
     lifetime: float
+
+
+async def read_up_to(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of ``resp`` to its end, or its first ``limit + 1`` bytes if it is longer.
+
+    ``resp.content.read(n)`` returns only what has arrived so far: the beginning of an answer
+    sent in pieces (TLS records, chunks, a slow server). Each read waits at most the session's
+    read timeout; the framing (Content-Length or chunked) says where the end is.
+    """
+    body = bytearray()
+    while len(body) <= limit:
+        piece = await resp.content.read(limit + 1 - len(body))
+        if not piece:
+            break
+        body += piece
+    return bytes(body)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -97,11 +115,13 @@ class ClientCredentials:
                 allow_redirects=False,
                 ssl=self.ssl,
             ) as resp:
-                body = await resp.content.read(1024 * 1024)
+                body = await read_up_to(resp, MAX_ANSWER_BYTES)
                 received = self.clock()
                 status, headers = resp.status, resp.headers
         except TimeoutError:
             raise TokenError(f"token endpoint {self.token_url} timed out") from None
+        except aiohttp.ClientPayloadError:
+            raise TokenError(f"token endpoint {self.token_url} broke off its answer") from None
         except aiohttp.ClientSSLError as exc:
             raise TokenError(
                 f"TLS with token endpoint {self.token_url} failed: {describe(exc)}",
@@ -130,6 +150,12 @@ class ClientCredentials:
                 f"token endpoint {problem} (HTTP {status}{reason}); check {fix}",
                 status=502,
                 permanent=True,
+            )
+        if len(body) > MAX_ANSWER_BYTES:
+            raise TokenError(
+                f"token endpoint answer is larger than {MAX_ANSWER_BYTES // 1024} KiB: "
+                "that is no token answer; check oauth.token_url",
+                status=502,
             )
         return self._parse(body, received)
 

@@ -1,0 +1,216 @@
+"""A token endpoint that paces, frames or fills its answer unusually, or answers nonsense.
+
+The token endpoints here are raw asyncio servers (every byte and every pause is the test's)
+or aiohttp handlers; the API behind the proxy is a handler that takes any bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp import web
+
+from proxy import load_config
+from proxy.check import check
+
+from .conftest import CLIENT_ID, CLIENT_SECRET
+
+TOKEN = "tok-0123456789abcdef_~+/=="
+ANSWER = json.dumps({"access_token": TOKEN, "expires_in": 3600, "token_type": "Bearer"}).encode()
+
+
+def head(length: int | None) -> bytes:
+    framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+    return (
+        f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{framing}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+
+
+def in_two_writes(body: bytes) -> list[bytes]:
+    """The head with the first 20 bytes of the body, then the rest."""
+    return [head(len(body)) + body[:20], body[20:]]
+
+
+def chunked(body: bytes, size: int = 16) -> list[bytes]:
+    pieces = [body[i : i + size] for i in range(0, len(body), size)]
+    return [head(None)] + [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
+
+
+def slowly(body: bytes, count: int = 8) -> list[bytes]:
+    size = -(-len(body) // count)
+    return [head(len(body))] + [body[i : i + size] for i in range(0, len(body), size)]
+
+
+class PacedServer:
+    """Answers each request with ``pieces``, one write each, ``pause`` seconds apart."""
+
+    def __init__(self, pieces: list[bytes], pause: float, tls: ssl.SSLContext | None) -> None:
+        self.pieces, self.pause, self.tls = pieces, pause, tls
+        self.requests = 0
+        self.url = ""
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
+            length = 0
+            for line in request.split("\r\n"):
+                name, _, value = line.partition(":")
+                if name == "content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            self.requests += 1
+            for i, piece in enumerate(self.pieces):
+                if i:
+                    await asyncio.sleep(self.pause)  # the pause is what is being tested
+                writer.write(piece)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def paced() -> AsyncIterator[Callable[..., Awaitable[PacedServer]]]:
+    servers: list[PacedServer] = []
+
+    async def _make(
+        pieces: list[bytes], pause: float = 0.05, tls: ssl.SSLContext | None = None
+    ) -> PacedServer:
+        server = PacedServer(pieces, pause, tls)
+        servers.append(server)
+        await server.start()
+        return server
+
+    yield _make
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def api(handler_upstream) -> tuple[str, list[str]]:
+    """An API that answers 200 to any bearer token; it keeps the Authorization it got."""
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response({"ok": True})
+
+    return await handler_upstream(handler), seen
+
+
+async def md_error(resp: aiohttp.ClientResponse) -> tuple[int, int, str]:
+    body = await resp.json()
+    (message,) = body["error"]["messages"]
+    assert message.startswith("mdcloud-proxy: ")
+    return resp.status, body["error"]["code"], message
+
+
+# -- the whole answer, however it arrives ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pieces", "pause"),
+    [(in_two_writes(ANSWER), 0.05), (chunked(ANSWER), 0.05), (slowly(ANSWER), 0.15)],
+    ids=["two-writes", "chunked", "slowly"],
+)
+async def test_token_answer_arriving_in_pieces(make_proxy, paced, api, client, pieces, pause):
+    endpoint = await paced(pieces, pause)
+    api_url, seen = api
+    # Each pause is within the read timeout, the whole answer (8 x 0.15 s) is not.
+    proxy = await make_proxy(
+        **{
+            "upstream.url": api_url,
+            "oauth.token_url": endpoint.url + "/token",
+            "upstream.read_timeout": 0.5,
+        }
+    )
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200, await resp.text()
+    assert seen == [f"Bearer {TOKEN}"]
+    assert endpoint.requests == 1
+
+
+async def test_token_answer_in_pieces_over_tls(make_proxy, paced, api, client, tmp_path):
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    endpoint = await paced(in_two_writes(ANSWER), tls=server_tls)
+    api_url, seen = api
+    proxy = await make_proxy(
+        **{
+            "upstream.url": api_url,
+            "oauth.token_url": endpoint.url + "/token",
+            "upstream.ca_file": str(ca_file),
+        }
+    )
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200, await resp.text()
+    assert seen == [f"Bearer {TOKEN}"]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_oversized_token_answer_is_a_clear_error(make_proxy, paced, api, client, framing):
+    body = json.dumps({"access_token": TOKEN, "expires_in": 3600, "pad": "x" * 70_000}).encode()
+    pieces = [head(len(body)) + body] if framing == "content-length" else chunked(body, 8192)
+    endpoint = await paced(pieces, pause=0)
+    api_url, seen = api
+    proxy = await make_proxy(
+        **{"upstream.url": api_url, "oauth.token_url": endpoint.url + "/token"}
+    )
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        status, code, message = await md_error(resp)
+    assert (status, code) == (502, 502010)
+    assert "token endpoint answer is larger than 64 KiB" in message
+    assert seen == [], "nothing goes upstream"
+
+
+async def test_token_answer_that_breaks_off_is_a_clear_error(make_proxy, paced, api, client):
+    endpoint = await paced([head(len(ANSWER) + 100) + ANSWER])  # then the connection closes
+    api_url, _ = api
+    token_url = endpoint.url + "/token"
+    proxy = await make_proxy(**{"upstream.url": api_url, "oauth.token_url": token_url})
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        status, _, message = await md_error(resp)
+    assert status == 503
+    assert f"token endpoint {token_url} broke off its answer" in message
+
+
+async def test_check_reads_the_whole_api_answer(paced):
+    info = json.dumps({"limit_interval": "daily", "limit_prevention": 4000}).encode()
+    api = await paced(in_two_writes(info))
+    endpoint = await paced(in_two_writes(ANSWER))
+    settings = {
+        "upstream.url": api.url,
+        "oauth.token_url": endpoint.url + "/token",
+        "oauth.client_id": CLIENT_ID,
+        "oauth.client_secret": CLIENT_SECRET,
+    }
+    out = io.StringIO()
+    assert await check(load_config(environ={}, overrides=settings), out)
+    assert out.getvalue().splitlines()[1:] == [
+        "token    ok, valid for 3600 s",
+        "api      ok, GET /v4/apikey/ answered HTTP 200",
+        "limits   prevention 4000 per daily interval",
+    ]
