@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ Clock = Callable[[], float]
 DEFAULT_LIFETIME = 3600.0
 # A token answer is a few hundred bytes; one this large is something else.
 MAX_ANSWER_BYTES = 64 * 1024
+# RFC 6750 2.1 b64token: all that may follow "Bearer " in an Authorization header.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,14 @@ class ClientCredentials:
         access_token = data.get("access_token")
         if not isinstance(access_token, str) or not access_token:
             raise TokenError("token endpoint answer has no access_token", status=502)
+        if not _B64TOKEN.fullmatch(access_token):
+            # Never quoted: it is a secret, and its line breaks could forge log lines.
+            raise TokenError(
+                "token endpoint answer has an access_token that cannot be sent as a bearer "
+                "token: it holds characters RFC 6750 does not allow (such as CR, LF, NUL or "
+                "spaces)",
+                status=502,
+            )
         expires_in = data.get("expires_in", DEFAULT_LIFETIME)
         try:
             lifetime = float(expires_in)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -214,3 +215,55 @@ async def test_check_reads_the_whole_api_answer(paced):
         "api      ok, GET /v4/apikey/ answered HTTP 200",
         "limits   prevention 4000 per daily interval",
     ]
+
+
+# -- a token that cannot be sent ------------------------------------------------------------------
+
+MARKER = "leak-me-7f3a9c"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        f"{MARKER}\r\nX-Injected: 1",
+        f"{MARKER}\nx",
+        f"{MARKER}\x00x",
+        f"{MARKER} x",
+        f'{MARKER}"x',
+        f"{MARKER}\u00e9",
+        f"{MARKER}=x",
+        f"{MARKER}\r",
+    ],
+    ids=["crlf", "lf", "nul", "space", "quote", "non-ascii", "inner-equals", "trailing-cr"],
+)
+async def test_unusable_access_token_is_a_token_error(
+    make_proxy, handler_upstream, api, client, caplog, token
+):
+    caplog.set_level(logging.DEBUG)
+    fetches = 0
+
+    async def endpoint(_request: web.Request) -> web.Response:
+        nonlocal fetches
+        fetches += 1
+        return web.json_response({"access_token": token, "expires_in": 3600})
+
+    api_url, seen = api
+    token_url = await handler_upstream(endpoint) + "/token"
+    proxy = await make_proxy(**{"upstream.url": api_url, "oauth.token_url": token_url})
+    bodies = []
+    for _ in range(3):
+        async with client.get(proxy.url + "/v4/apikey/") as resp:
+            bodies.append(await resp.text())
+            status, code, message = await md_error(resp)
+        assert (status, code) == (502, 502010)
+        assert "access_token that cannot be sent as a bearer token" in message
+        assert "RFC 6750" in message
+    async with client.get(proxy.url + "/-/ready") as resp:
+        assert resp.status == 503
+        bodies.append(await resp.text())
+    assert proxy.tokens.current is None, "not cached"
+    assert seen == [], "nothing goes upstream"
+    assert fetches <= 3, "one fetch and its retries; the backoff answers the rest"
+    for text in [*bodies, caplog.text]:
+        assert MARKER not in text
+        assert "Server got itself in trouble" not in text
