@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -24,6 +25,10 @@ log = logging.getLogger("mdcloud_proxy.tokens")
 
 Clock = Callable[[], float]
 DEFAULT_LIFETIME = 3600.0
+# A longer claimed lifetime is cut to this; a token refused before then is replayed anyway.
+MAX_LIFETIME = 86400.0
+# The longest pause between fetches after failures, whatever Retry-After says.
+MAX_BACKOFF = 900.0
 # A token answer is a few hundred bytes; one this large is something else.
 MAX_ANSWER_BYTES = 64 * 1024
 # RFC 6750 2.1 b64token: all that may follow "Bearer " in an Authorization header.
@@ -55,12 +60,38 @@ async def read_up_to(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(body)
 
 
+def _lifetime(expires_in: object) -> float:
+    """Seconds a token lasts, from an ``expires_in`` that is a positive number, capped."""
+    lifetime = math.nan
+    if isinstance(expires_in, int | float | str) and not isinstance(expires_in, bool):
+        try:
+            lifetime = float(expires_in)
+        except OverflowError:  # an integer too large for a float
+            lifetime = math.inf
+        except ValueError:
+            pass
+    if not lifetime > 0:
+        raise TokenError("token endpoint answer has an invalid expires_in", status=502)
+    if lifetime > MAX_LIFETIME:
+        log.warning(
+            "token endpoint says its token is valid for %.6g s; using it for at most %.0f s",
+            lifetime,
+            MAX_LIFETIME,
+        )
+        lifetime = MAX_LIFETIME
+    return lifetime
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("Retry-After")
     try:
-        return max(0.0, float(value)) if value is not None else None
+        seconds = float(value) if value is not None else math.nan
     except ValueError:
         return None  # an HTTP-date; the backoff decides instead
+    if math.isnan(seconds):
+        return None
+    # Capped like the longest backoff: "inf" or a year must not stop all asking for good.
+    return min(max(0.0, seconds), MAX_BACKOFF)
 
 
 def _describe_refusal(body: bytes) -> str:
@@ -180,13 +211,7 @@ class ClientCredentials:
                 "spaces)",
                 status=502,
             )
-        expires_in = data.get("expires_in", DEFAULT_LIFETIME)
-        try:
-            lifetime = float(expires_in)
-        except (TypeError, ValueError):
-            lifetime = -1.0
-        if not lifetime > 0 or isinstance(expires_in, bool):
-            raise TokenError("token endpoint answer has an invalid expires_in", status=502)
+        lifetime = _lifetime(data.get("expires_in", DEFAULT_LIFETIME))
         return Token(access_token, received + lifetime, lifetime)
 
 
@@ -357,6 +382,6 @@ class TokenCache:
             attempt += 1
 
     def _backoff(self, exc: TokenError) -> float:
-        base, cap = (30.0, 900.0) if exc.permanent else (1.0, 60.0)
+        base, cap = (30.0, MAX_BACKOFF) if exc.permanent else (1.0, 60.0)
         delay = min(cap, base * 2.0 ** (self._failures - 1)) * random.uniform(0.75, 1.0)
         return max(delay, exc.retry_after or 0.0)

@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy import load_config
 from proxy.check import check
 
-from .conftest import CLIENT_ID, CLIENT_SECRET
+from .conftest import CLIENT_ID, CLIENT_SECRET, eventually
 
 TOKEN = "tok-0123456789abcdef_~+/=="
 ANSWER = json.dumps({"access_token": TOKEN, "expires_in": 3600, "token_type": "Bearer"}).encode()
@@ -267,3 +267,69 @@ async def test_unusable_access_token_is_a_token_error(
     for text in [*bodies, caplog.text]:
         assert MARKER not in text
         assert "Server got itself in trouble" not in text
+
+
+# -- announced lifetimes and pauses beyond reason -------------------------------------------------
+
+
+@pytest.fixture
+async def lifetime_endpoint(handler_upstream) -> Callable[..., Awaitable[tuple[str, list[int]]]]:
+    """A token endpoint announcing ``expires_in`` as given, as JSON text; counts its fetches."""
+
+    async def _make(expires_in: str) -> tuple[str, list[int]]:
+        fetches = [0]
+
+        async def endpoint(_request: web.Request) -> web.Response:
+            fetches[0] += 1
+            body = f'{{"access_token":"tok-{fetches[0]}","expires_in":{expires_in}}}'
+            return web.Response(text=body, content_type="application/json")
+
+        return await handler_upstream(endpoint) + "/token", fetches
+
+    return _make
+
+
+@pytest.mark.parametrize(
+    "expires_in",
+    ["1e400", "Infinity", "1" + "0" * 400, "1e12"],
+    ids=["1e400", "inf", "10^400", "1e12"],
+)
+async def test_huge_lifetime_is_capped_at_a_day(
+    make_proxy, lifetime_endpoint, api, client, clock, caplog, expires_in
+):
+    caplog.set_level(logging.INFO)
+    token_url, fetches = await lifetime_endpoint(expires_in)
+    api_url, seen = api
+    proxy = await make_proxy(**{"upstream.url": api_url, "oauth.token_url": token_url})
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200
+    async with client.get(proxy.url + "/-/ready") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["token_expires_in_s"] == 86400
+    async with client.get(proxy.url + "/-/metrics") as resp:
+        assert resp.status == 200
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "using it for at most 86400 s" in warnings[0]
+    clock.advance(86400 - 30)  # inside the refresh margin: a new token comes
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200
+    await eventually(lambda: fetches[0] == 2)
+    assert seen == ["Bearer tok-1", "Bearer tok-1"]
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "99999999999"])
+async def test_absurd_retry_after_is_capped(sim, clock, make_proxy, client, value):
+    sim.token_failure = (429, b"{}", {"Retry-After": value})
+    proxy = await make_proxy()
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        status, _, message = await md_error(resp)
+        assert status == 503
+        assert 1 <= int(resp.headers["Retry-After"]) <= 900
+    assert "token endpoint answered HTTP 429" in message
+    assert sim.token_requests == 1
+    sim.token_failure = None
+    clock.advance(901)  # the longest backoff: the endpoint is asked again
+    async with client.get(proxy.url + "/v4/apikey/") as resp:
+        assert resp.status == 200
+    assert sim.token_requests == 2
