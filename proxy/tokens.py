@@ -24,6 +24,7 @@ __all__ = ["ClientCredentials", "Token", "TokenCache", "read_up_to"]
 log = logging.getLogger("mdcloud_proxy.tokens")
 
 Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 DEFAULT_LIFETIME = 3600.0
 # A longer claimed lifetime is cut to this; a token refused before then is replayed anyway.
 MAX_LIFETIME = 86400.0
@@ -223,6 +224,11 @@ class TokenCache:
     every caller awaits the same single fetch. After a failure, further fetches wait for a
     backoff (long when the credentials were rejected, since MetaDefender blocks an address
     that keeps sending bad ones); meanwhile callers get the last error at once.
+
+    Fetches start at least ``min_fetch_interval`` seconds apart, whatever lifetime the
+    endpoint announces: a token that lives less than that is used for its life, then callers
+    wait for the next fetch. Only a token the API refused (``invalidate``) is replaced at
+    once. ``sleep`` takes every pause (a seam for tests with a fake clock).
     """
 
     def __init__(
@@ -235,6 +241,8 @@ class TokenCache:
         attempts: int = 3,
         retry_delay: float = 0.5,
         max_retry_wait: float = 5.0,
+        min_fetch_interval: float = 1.0,
+        sleep: Sleep = asyncio.sleep,
     ):
         self._fetch = fetch
         self._key = identity
@@ -243,6 +251,10 @@ class TokenCache:
         self._attempts = attempts
         self._retry_delay = retry_delay
         self._max_retry_wait = max_retry_wait
+        self._min_interval = min_fetch_interval
+        self._sleep = sleep
+        self._asked_at = float("-inf")  # when the token endpoint was last asked
+        self._short_lived = False  # the latest token lives less than min_fetch_interval
         # The cache drops a token the moment it expires, so an expired one is never served.
         self._cache: TLRUCache[Hashable, Token] = TLRUCache(
             maxsize=4, ttu=lambda _key, token, _now: token.expires_at, timer=clock
@@ -291,7 +303,7 @@ class TokenCache:
             if now >= due:
                 self._start_fetch(background=token is not None)
                 continue
-            await asyncio.sleep(max(min_wait, due - now))
+            await self._sleep(max(min_wait, due - now))
 
     async def get(self) -> Token:
         """A token that is not known to be expired; raises TokenError if none can be had."""
@@ -317,6 +329,9 @@ class TokenCache:
         if self.current is token:
             del self._cache[self._key]
             self._fresh, self._fresh_until = None, float("-inf")
+            # Its replacement is fetched at once: the interval between fetches guards against
+            # what the token endpoint announces, and a replay should not wait for it.
+            self._asked_at = float("-inf")
 
     async def close(self) -> None:
         """Cancel a fetch in flight."""
@@ -359,6 +374,14 @@ class TokenCache:
         self._fresh, self._fresh_until = token, self._refresh_at(token)
         self._failures, self._error, self._next_attempt = 0, None, float("-inf")
         self.failing_since = None
+        short_lived, self._short_lived = self._short_lived, token.lifetime < self._min_interval
+        if self._short_lived and not short_lived:
+            log.warning(
+                "token endpoint issues tokens valid for only %.3g s; requests wait for each "
+                "new one, and it is asked at most once every %.3g s",
+                token.lifetime,
+                self._min_interval,
+            )
         log.info(
             "access token %s, valid for %.0f s",
             "refreshed ahead of expiry" if background else "fetched",
@@ -367,18 +390,24 @@ class TokenCache:
         return token
 
     async def _fetch_with_retries(self) -> Token:
+        # The first try waits out the interval since the endpoint was last asked; the
+        # retries within one fetch (a few, bounded) keep their own pauses.
+        wait = self._asked_at + self._min_interval - self._clock()
         attempt = 1
         while True:
+            if wait > 0:
+                await self._sleep(wait)
+            self._asked_at = self._clock()
             try:
                 return await self._fetch()
             except TokenError as exc:
-                wait = exc.retry_after
-                if wait is None:
+                if exc.retry_after is not None:
+                    wait = exc.retry_after
+                else:
                     wait = self._retry_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
                 if exc.permanent or attempt >= self._attempts or wait > self._max_retry_wait:
                     raise
                 log.info("token request failed (%s); retrying in %.1f s", exc.message, wait)
-            await asyncio.sleep(wait)
             attempt += 1
 
     def _backoff(self, exc: TokenError) -> float:

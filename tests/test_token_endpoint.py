@@ -7,10 +7,12 @@ or aiohttp handlers; the API behind the proxy is a handler that takes any bearer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -18,10 +20,10 @@ import pytest
 import trustme
 from aiohttp import web
 
-from proxy import load_config
+from proxy import ClientCredentials, TokenCache, create_app, load_config
 from proxy.check import check
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, eventually
+from .conftest import CLIENT_ID, CLIENT_SECRET, FakeClock, eventually
 
 TOKEN = "tok-0123456789abcdef_~+/=="
 ANSWER = json.dumps({"access_token": TOKEN, "expires_in": 3600, "token_type": "Bearer"}).encode()
@@ -333,3 +335,92 @@ async def test_absurd_retry_after_is_capped(sim, clock, make_proxy, client, valu
     async with client.get(proxy.url + "/v4/apikey/") as resp:
         assert resp.status == 200
     assert sim.token_requests == 2
+
+
+# -- short lifetimes: the token endpoint asked at most once a second ------------------------------
+
+
+class SimTime(FakeClock):
+    """A fake clock whose sleeps pass simulated time at once."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.advance(max(0.0, seconds))
+        await asyncio.sleep(0)
+
+
+def cache_for(
+    session: aiohttp.ClientSession, token_url: str, clock: SimTime, **kwargs
+) -> TokenCache:
+    credentials = ClientCredentials(session, token_url, CLIENT_ID, CLIENT_SECRET, clock=clock)
+    return TokenCache(credentials.fetch, identity="test", clock=clock, sleep=clock.sleep, **kwargs)
+
+
+@pytest.mark.parametrize("expires_in", ["0.01", "0.3", "1e-9"])
+async def test_short_lived_tokens_are_fetched_at_most_once_a_second(
+    lifetime_endpoint, client, caplog, expires_in
+):
+    token_url, fetches = await lifetime_endpoint(expires_in)
+    clock = SimTime()
+    tokens = cache_for(client, token_url, clock)
+    start = clock.now
+
+    async def caller() -> None:
+        token = await tokens.get()
+        assert clock.now <= token.expires_at, "never an expired token"
+
+    for _ in range(100):  # 100 rounds of 5 callers, 10 ms apart (plus the waits for tokens)
+        await asyncio.gather(*(caller() for _ in range(5)))
+        clock.advance(0.01)
+    elapsed = clock.now - start
+    assert fetches[0] <= elapsed + 1, (fetches[0], elapsed)
+    assert fetches[0] >= 2, "it does fetch again when the token runs out"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, "one warning, not one per fetch"
+    assert "tokens valid for only" in warnings[0].getMessage()
+
+
+async def test_short_lived_tokens_while_idle(lifetime_endpoint, client):
+    token_url, fetches = await lifetime_endpoint("0.01")
+    clock = SimTime()
+    tokens = cache_for(client, token_url, clock)
+    start = clock.now
+    keeper = asyncio.create_task(tokens.keep_fresh())
+    try:
+        await eventually(lambda: clock.now >= start + 60)
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+        await tokens.close()
+    assert fetches[0] <= clock.now - start + 1
+
+
+async def test_token_endpoint_is_asked_at_most_once_a_second_under_load(
+    start, lifetime_endpoint, api, client
+):
+    # The real clock and the proxy's own settings: 10 ms tokens, callers without pause.
+    token_url, fetches = await lifetime_endpoint("0.01")
+    api_url, _ = api
+    config = load_config(
+        environ={},
+        overrides={
+            "upstream.url": api_url,
+            "oauth.token_url": token_url,
+            "oauth.client_id": CLIENT_ID,
+            "oauth.client_secret": CLIENT_SECRET,
+        },
+    )
+    began = time.monotonic()  # before the proxy's first fetch
+    base = f"http://127.0.0.1:{await start(create_app(config))}"
+    statuses: list[int] = []
+
+    async def caller() -> None:
+        while time.monotonic() - began < 2.5 and len(statuses) < 5000:
+            async with client.get(base + "/v4/apikey/") as resp:
+                await resp.read()
+                statuses.append(resp.status)
+
+    await asyncio.gather(*(caller() for _ in range(5)))
+    elapsed = time.monotonic() - began
+    assert set(statuses) == {200}
+    assert fetches[0] <= elapsed + 1, (fetches[0], elapsed)
