@@ -83,6 +83,12 @@ def _lifetime(expires_in: object) -> float:
     return lifetime
 
 
+def _again(error: TokenError, *, retry_after: float) -> TokenError:
+    return TokenError(
+        error.message, status=error.status, permanent=error.permanent, retry_after=retry_after
+    )
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("Retry-After")
     try:
@@ -318,8 +324,9 @@ class TokenCache:
         task = self._inflight
         if task is None:
             if self._error is not None and now < self._next_attempt:
-                self._error.retry_after = self._next_attempt - now
-                raise self._error
+                # A new exception each time: raising one object again and again would grow
+                # its traceback by every caller's frames.
+                raise _again(self._error, retry_after=self._next_attempt - now)
             task = self._start_fetch(background=False)
         # shield: one caller giving up must not cancel the fetch everybody else awaits.
         return await asyncio.shield(task)

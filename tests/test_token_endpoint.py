@@ -13,6 +13,7 @@ import json
 import logging
 import ssl
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -20,7 +21,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from proxy import ClientCredentials, TokenCache, create_app, load_config
+from proxy import ClientCredentials, TokenCache, TokenError, create_app, load_config
 from proxy.check import check
 
 from .conftest import CLIENT_ID, CLIENT_SECRET, FakeClock, eventually
@@ -424,3 +425,41 @@ async def test_token_endpoint_is_asked_at_most_once_a_second_under_load(
     elapsed = time.monotonic() - began
     assert set(statuses) == {200}
     assert fetches[0] <= elapsed + 1, (fetches[0], elapsed)
+
+
+# -- a backoff that leaves nothing behind ---------------------------------------------------------
+
+
+async def test_errors_during_a_backoff_are_distinct_and_memory_stays_flat(handler_upstream, client):
+    async def refuse(_request: web.Request) -> web.Response:
+        return web.json_response({"error": "invalid_client"}, status=401)
+
+    token_url = await handler_upstream(refuse) + "/token"
+    clock = SimTime()
+    tokens = cache_for(client, token_url, clock)
+
+    async def refused() -> TokenError:
+        try:
+            await tokens.get()
+        except TokenError as exc:
+            return exc
+        raise AssertionError("a token was served")
+
+    first = await refused()
+    assert first.permanent and first.status == 502
+    kept = [await refused() for _ in range(100)]
+    assert len({id(exc) for exc in [first, *kept]}) == 101, "a new exception each time"
+    assert all(exc.message == first.message and exc.permanent for exc in kept)
+    assert all(exc.retry_after is not None and exc.retry_after > 0 for exc in kept)
+    del kept
+    tracemalloc.start()
+    try:
+        for _ in range(200):
+            await refused()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3000):
+            await refused()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000, grown
