@@ -10,7 +10,7 @@ import aiohttp
 from .app import client_session, ssl_context
 from .config import Config
 from .errors import TokenError, describe
-from .tokens import ClientCredentials, Token
+from .tokens import ClientCredentials, Token, read_up_to
 
 __all__ = ["check", "print_token"]
 
@@ -81,7 +81,7 @@ async def check(config: Config, out: TextIO) -> bool:
         url = config.upstream_url + APIKEY_PATH
         try:
             async with session.get(url, headers=headers, allow_redirects=False) as resp:
-                body = await resp.content.read(1024 * 1024)
+                body = await read_up_to(resp, 1024 * 1024)
                 status, remaining = resp.status, resp.headers.get("X-RateLimit-Remaining")
         except (aiohttp.ClientError, TimeoutError) as exc:
             say("api", f"FAILED: GET {url}: {describe(exc)}")

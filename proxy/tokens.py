@@ -6,7 +6,9 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -17,12 +19,21 @@ from cachetools import TLRUCache
 
 from .errors import TokenError, describe
 
-__all__ = ["ClientCredentials", "Token", "TokenCache"]
+__all__ = ["ClientCredentials", "Token", "TokenCache", "read_up_to"]
 
 log = logging.getLogger("mdcloud_proxy.tokens")
 
 Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 DEFAULT_LIFETIME = 3600.0
+# A longer claimed lifetime is cut to this; a token refused before then is replayed anyway.
+MAX_LIFETIME = 86400.0
+# The longest pause between fetches after failures, whatever Retry-After says.
+MAX_BACKOFF = 900.0
+# A token answer is a few hundred bytes; one this large is something else.
+MAX_ANSWER_BYTES = 64 * 1024
+# RFC 6750 2.1 b64token: all that may follow "Bearer " in an Authorization header.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 @dataclass(frozen=True)
@@ -34,12 +45,60 @@ class Token:
     lifetime: float
 
 
+async def read_up_to(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of ``resp`` to its end, or its first ``limit + 1`` bytes if it is longer.
+
+    ``resp.content.read(n)`` returns only what has arrived so far: the beginning of an answer
+    sent in pieces (TLS records, chunks, a slow server). Each read waits at most the session's
+    read timeout; the framing (Content-Length or chunked) says where the end is.
+    """
+    body = bytearray()
+    while len(body) <= limit:
+        piece = await resp.content.read(limit + 1 - len(body))
+        if not piece:
+            break
+        body += piece
+    return bytes(body)
+
+
+def _lifetime(expires_in: object) -> float:
+    """Seconds a token lasts, from an ``expires_in`` that is a positive number, capped."""
+    lifetime = math.nan
+    if isinstance(expires_in, int | float | str) and not isinstance(expires_in, bool):
+        try:
+            lifetime = float(expires_in)
+        except OverflowError:  # an integer too large for a float
+            lifetime = math.inf
+        except ValueError:
+            pass
+    if not lifetime > 0:
+        raise TokenError("token endpoint answer has an invalid expires_in", status=502)
+    if lifetime > MAX_LIFETIME:
+        log.warning(
+            "token endpoint says its token is valid for %.6g s; using it for at most %.0f s",
+            lifetime,
+            MAX_LIFETIME,
+        )
+        lifetime = MAX_LIFETIME
+    return lifetime
+
+
+def _again(error: TokenError, *, retry_after: float) -> TokenError:
+    return TokenError(
+        error.message, status=error.status, permanent=error.permanent, retry_after=retry_after
+    )
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     value = headers.get("Retry-After")
     try:
-        return max(0.0, float(value)) if value is not None else None
+        seconds = float(value) if value is not None else math.nan
     except ValueError:
         return None  # an HTTP-date; the backoff decides instead
+    if math.isnan(seconds):
+        return None
+    # Capped like the longest backoff: "inf" or a year must not stop all asking for good.
+    return min(max(0.0, seconds), MAX_BACKOFF)
 
 
 def _describe_refusal(body: bytes) -> str:
@@ -97,11 +156,13 @@ class ClientCredentials:
                 allow_redirects=False,
                 ssl=self.ssl,
             ) as resp:
-                body = await resp.content.read(1024 * 1024)
+                body = await read_up_to(resp, MAX_ANSWER_BYTES)
                 received = self.clock()
                 status, headers = resp.status, resp.headers
         except TimeoutError:
             raise TokenError(f"token endpoint {self.token_url} timed out") from None
+        except aiohttp.ClientPayloadError:
+            raise TokenError(f"token endpoint {self.token_url} broke off its answer") from None
         except aiohttp.ClientSSLError as exc:
             raise TokenError(
                 f"TLS with token endpoint {self.token_url} failed: {describe(exc)}",
@@ -131,6 +192,12 @@ class ClientCredentials:
                 status=502,
                 permanent=True,
             )
+        if len(body) > MAX_ANSWER_BYTES:
+            raise TokenError(
+                f"token endpoint answer is larger than {MAX_ANSWER_BYTES // 1024} KiB: "
+                "that is no token answer; check oauth.token_url",
+                status=502,
+            )
         return self._parse(body, received)
 
     def _parse(self, body: bytes, received: float) -> Token:
@@ -143,13 +210,15 @@ class ClientCredentials:
         access_token = data.get("access_token")
         if not isinstance(access_token, str) or not access_token:
             raise TokenError("token endpoint answer has no access_token", status=502)
-        expires_in = data.get("expires_in", DEFAULT_LIFETIME)
-        try:
-            lifetime = float(expires_in)
-        except (TypeError, ValueError):
-            lifetime = -1.0
-        if not lifetime > 0 or isinstance(expires_in, bool):
-            raise TokenError("token endpoint answer has an invalid expires_in", status=502)
+        if not _B64TOKEN.fullmatch(access_token):
+            # Never quoted: it is a secret, and its line breaks could forge log lines.
+            raise TokenError(
+                "token endpoint answer has an access_token that cannot be sent as a bearer "
+                "token: it holds characters RFC 6750 does not allow (such as CR, LF, NUL or "
+                "spaces)",
+                status=502,
+            )
+        lifetime = _lifetime(data.get("expires_in", DEFAULT_LIFETIME))
         return Token(access_token, received + lifetime, lifetime)
 
 
@@ -161,6 +230,11 @@ class TokenCache:
     every caller awaits the same single fetch. After a failure, further fetches wait for a
     backoff (long when the credentials were rejected, since MetaDefender blocks an address
     that keeps sending bad ones); meanwhile callers get the last error at once.
+
+    Fetches start at least ``min_fetch_interval`` seconds apart, whatever lifetime the
+    endpoint announces: a token that lives less than that is used for its life, then callers
+    wait for the next fetch. Only a token the API refused (``invalidate``) is replaced at
+    once. ``sleep`` takes every pause (a seam for tests with a fake clock).
     """
 
     def __init__(
@@ -173,6 +247,8 @@ class TokenCache:
         attempts: int = 3,
         retry_delay: float = 0.5,
         max_retry_wait: float = 5.0,
+        min_fetch_interval: float = 1.0,
+        sleep: Sleep = asyncio.sleep,
     ):
         self._fetch = fetch
         self._key = identity
@@ -181,6 +257,10 @@ class TokenCache:
         self._attempts = attempts
         self._retry_delay = retry_delay
         self._max_retry_wait = max_retry_wait
+        self._min_interval = min_fetch_interval
+        self._sleep = sleep
+        self._asked_at = float("-inf")  # when the token endpoint was last asked
+        self._short_lived = False  # the latest token lives less than min_fetch_interval
         # The cache drops a token the moment it expires, so an expired one is never served.
         self._cache: TLRUCache[Hashable, Token] = TLRUCache(
             maxsize=4, ttu=lambda _key, token, _now: token.expires_at, timer=clock
@@ -229,7 +309,7 @@ class TokenCache:
             if now >= due:
                 self._start_fetch(background=token is not None)
                 continue
-            await asyncio.sleep(max(min_wait, due - now))
+            await self._sleep(max(min_wait, due - now))
 
     async def get(self) -> Token:
         """A token that is not known to be expired; raises TokenError if none can be had."""
@@ -244,8 +324,9 @@ class TokenCache:
         task = self._inflight
         if task is None:
             if self._error is not None and now < self._next_attempt:
-                self._error.retry_after = self._next_attempt - now
-                raise self._error
+                # A new exception each time: raising one object again and again would grow
+                # its traceback by every caller's frames.
+                raise _again(self._error, retry_after=self._next_attempt - now)
             task = self._start_fetch(background=False)
         # shield: one caller giving up must not cancel the fetch everybody else awaits.
         return await asyncio.shield(task)
@@ -255,6 +336,9 @@ class TokenCache:
         if self.current is token:
             del self._cache[self._key]
             self._fresh, self._fresh_until = None, float("-inf")
+            # Its replacement is fetched at once: the interval between fetches guards against
+            # what the token endpoint announces, and a replay should not wait for it.
+            self._asked_at = float("-inf")
 
     async def close(self) -> None:
         """Cancel a fetch in flight."""
@@ -297,6 +381,14 @@ class TokenCache:
         self._fresh, self._fresh_until = token, self._refresh_at(token)
         self._failures, self._error, self._next_attempt = 0, None, float("-inf")
         self.failing_since = None
+        short_lived, self._short_lived = self._short_lived, token.lifetime < self._min_interval
+        if self._short_lived and not short_lived:
+            log.warning(
+                "token endpoint issues tokens valid for only %.3g s; requests wait for each "
+                "new one, and it is asked at most once every %.3g s",
+                token.lifetime,
+                self._min_interval,
+            )
         log.info(
             "access token %s, valid for %.0f s",
             "refreshed ahead of expiry" if background else "fetched",
@@ -305,21 +397,27 @@ class TokenCache:
         return token
 
     async def _fetch_with_retries(self) -> Token:
+        # The first try waits out the interval since the endpoint was last asked; the
+        # retries within one fetch (a few, bounded) keep their own pauses.
+        wait = self._asked_at + self._min_interval - self._clock()
         attempt = 1
         while True:
+            if wait > 0:
+                await self._sleep(wait)
+            self._asked_at = self._clock()
             try:
                 return await self._fetch()
             except TokenError as exc:
-                wait = exc.retry_after
-                if wait is None:
+                if exc.retry_after is not None:
+                    wait = exc.retry_after
+                else:
                     wait = self._retry_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
                 if exc.permanent or attempt >= self._attempts or wait > self._max_retry_wait:
                     raise
                 log.info("token request failed (%s); retrying in %.1f s", exc.message, wait)
-            await asyncio.sleep(wait)
             attempt += 1
 
     def _backoff(self, exc: TokenError) -> float:
-        base, cap = (30.0, 900.0) if exc.permanent else (1.0, 60.0)
+        base, cap = (30.0, MAX_BACKOFF) if exc.permanent else (1.0, 60.0)
         delay = min(cap, base * 2.0 ** (self._failures - 1)) * random.uniform(0.75, 1.0)
         return max(delay, exc.retry_after or 0.0)
