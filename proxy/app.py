@@ -159,8 +159,10 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
             api_key=config.api_key,
             max_body_size=config.max_body_size,
             replay_memory_limit=config.replay_memory_limit,
+            replay_memory_total=config.replay_memory_total,
             ssl=tls,
         )
+        metrics.body_memory.set_function(lambda: app[FORWARDER].budget.used)
         keeper = asyncio.create_task(tokens.keep_fresh())
         yield
         keeper.cancel()

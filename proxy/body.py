@@ -13,11 +13,13 @@ from aiohttp import StreamReader
 
 from .errors import BodyError
 
-__all__ = ["ReplayableBody"]
+__all__ = ["MemoryBudget", "ReplayableBody"]
 
 log = logging.getLogger("mdcloud_proxy.body")
 
 READ_SIZE = 256 * 1024
+# Reads from the caller while the memory budget is spent: each body may then hold one.
+SPENT_READ_SIZE = 64 * 1024
 # Bytes of the body that may wait in memory for a worker thread to write them to the file.
 PENDING_LIMIT = 8 * 1024 * 1024
 
@@ -38,11 +40,41 @@ def _copy_failed(exc: OSError) -> BodyError:
     )
 
 
+class MemoryBudget:
+    """Bytes of request bodies that all requests together hold in memory (replay.memory_total).
+
+    Copies kept for a replay and bytes waiting for a worker thread to write them to a spill
+    file both count. Past the total, copies go to the file instead, and a caller's body is
+    read no faster than the disk takes it: memory stays bounded in total, not per request.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+
+    def __repr__(self) -> str:
+        return f"MemoryBudget(used={self.used}, total={self.total})"
+
+    @property
+    def spent(self) -> bool:
+        """Whether the total is used up."""
+        return self.used >= self.total
+
+    def take(self, size: int) -> bool:
+        """Count ``size`` more bytes if they fit; whether they did."""
+        if self.used + size > self.total:
+            return False
+        self.used += size
+        return True
+
+
 class _SpillFile:
     """An unlinked temporary file that worker threads write, so that a slow disk never stalls
-    the event loop (which meanwhile forwards the body); at most PENDING_LIMIT bytes wait."""
+    the event loop (which meanwhile forwards the body); at most PENDING_LIMIT bytes of one
+    file wait, and none past the shared budget but the latest write."""
 
-    def __init__(self) -> None:
+    def __init__(self, budget: MemoryBudget) -> None:
+        self._budget = budget
         try:
             # TemporaryFile is unlinked at once on POSIX: nothing is left behind on a crash.
             self._file = tempfile.TemporaryFile(prefix="mdcloud-proxy-")  # noqa: SIM115
@@ -57,9 +89,16 @@ class _SpillFile:
         write = asyncio.get_running_loop().run_in_executor(
             None, _pwrite_all, self._fd, data, offset
         )
-        self._pending.append((write, len(data)))
-        self._pending_bytes += len(data)
-        while self._pending_bytes > PENDING_LIMIT:
+        size = len(data)
+        self._budget.used += size  # held until the thread has written it, whoever waits
+
+        def written(_: object) -> None:
+            self._budget.used -= size
+
+        write.add_done_callback(written)
+        self._pending.append((write, size))
+        self._pending_bytes += size
+        while self._pending and (self._pending_bytes > PENDING_LIMIT or self._budget.spent):
             await self._oldest_done()
 
     async def settle(self) -> None:
@@ -106,8 +145,16 @@ class ReplayableBody:
     why: the attempt under way goes on from the caller's stream, only a replay fails (507).
     """
 
-    def __init__(self, source: StreamReader, *, memory_limit: int, max_size: int):
+    def __init__(
+        self,
+        source: StreamReader,
+        *,
+        memory_limit: int,
+        max_size: int,
+        budget: MemoryBudget | None = None,
+    ):
         self._source = source
+        self._budget = budget if budget is not None else MemoryBudget(memory_limit)
         self._memory_limit = memory_limit
         self._max_size = max_size
         self._memory = bytearray()
@@ -134,6 +181,7 @@ class ReplayableBody:
     def close(self) -> None:
         """Drop the captured copy; the temporary file disappears with it."""
         self._closed = True
+        self._budget.used -= len(self._memory)
         self._memory = bytearray()
         if self._file is not None:
             self._file.close()
@@ -169,7 +217,9 @@ class ReplayableBody:
 
     async def _read_source(self) -> bytes:
         try:
-            chunk = await self._source.readany()
+            # Not readany(): it returns all that is buffered, however much that is.
+            size = SPENT_READ_SIZE if self._budget.spent else READ_SIZE
+            chunk = await self._source.read(size)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -202,6 +252,9 @@ class ReplayableBody:
         offset = self._size - len(self._memory)  # where the file part of ``chunk`` goes
         self._size += len(chunk)
         room = self._memory_limit - len(self._memory)
+        if room > 0 and not self._budget.take(min(room, len(chunk))):
+            # The rest goes to the file: the part in memory stays the body's first bytes.
+            self._memory_limit, room = len(self._memory), 0
         if room > 0:
             self._memory += chunk[:room]
             chunk = chunk[room:]
@@ -209,7 +262,7 @@ class ReplayableBody:
         if chunk and self.not_replayable is None:
             try:
                 if self._file is None:
-                    self._file = _SpillFile()
+                    self._file = _SpillFile(self._budget)
                 await self._file.write(chunk, offset)
             except BodyError as exc:
                 # Only a replay needs the copy; this attempt streams on without it, and

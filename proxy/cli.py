@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from .app import create_admin_app, create_app, drain, serve
 from .check import check, print_token
 from .config import Config, load_config
 from .errors import ConfigError, describe
-from .listener import raise_descriptor_limit
+from .listener import max_connections, raise_descriptor_limit
 from .logs import setup_logging, throttle_loop_errors
 from .simulator import Simulator
 from .workers import run_workers
@@ -153,12 +154,15 @@ async def _run_proxy(config: Config, worker: int | None = None) -> None:
                 create_admin_app(app), config.admin_host, config.admin_port, "admin ", shared
             )
         log.info(
-            "%smdcloud-proxy %s listening on %s, forwarding to %s (%s event loop)",
+            "%smdcloud-proxy %s listening on %s, forwarding to %s (%s event loop, "
+            "open-file limit %d, at most %d connections)",
             f"worker {worker} (pid {os.getpid()}): " if shared else "",
             __version__,
             _http_url(config.host, runner.addresses[0][1]),
             config.upstream_url,
             type(asyncio.get_running_loop()).__module__.split(".")[0],
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            max_connections(runner),
         )
         if admin is not None:
             log.info(
@@ -279,12 +283,7 @@ def _command(args: argparse.Namespace) -> int:
         return 0 if asyncio.run(check(config, sys.stdout)) else 1
     if args.command == "token":
         return 0 if asyncio.run(print_token(config, sys.stdout, sys.stderr)) else 1
-    limit, before = raise_descriptor_limit()
-    log.info(
-        "open-file limit %d%s; each request in flight holds two",
-        limit,
-        f" (raised from {before})" if limit != before else "",
-    )
+    raise_descriptor_limit()  # before any fork: workers inherit it
     if config.workers == 1:
         return _serve(config)
     _loop_factory(config.loop)  # a missing uvloop is a configuration error, before the fork

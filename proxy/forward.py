@@ -13,7 +13,7 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .body import ReplayableBody
+from .body import MemoryBudget, ReplayableBody
 from .errors import ProxyError, TokenError, describe, error_response
 from .inbound import KEY_HEADER
 from .observe import REPLAY, SENT, Metrics, request_target
@@ -188,6 +188,7 @@ class Forwarder:
         api_key: str | None = None,
         max_body_size: int,
         replay_memory_limit: int,
+        replay_memory_total: int,
         ssl: SSLContext | bool = True,
     ):
         self._session = session
@@ -197,6 +198,7 @@ class Forwarder:
         self._api_key = api_key
         self._max_body_size = max_body_size
         self._memory_limit = replay_memory_limit
+        self.budget = MemoryBudget(replay_memory_total)  # shared by all requests' bodies
         self._ssl = ssl
 
     def __repr__(self) -> str:
@@ -233,7 +235,10 @@ class Forwarder:
         body = None
         if request.body_exists:
             body = ReplayableBody(
-                request.content, memory_limit=self._memory_limit, max_size=self._max_body_size
+                request.content,
+                memory_limit=self._memory_limit,
+                max_size=self._max_body_size,
+                budget=self.budget,
             )
         try:
             resp, peeked = await self._exchange(request, body)

@@ -35,7 +35,7 @@ from aiohttp.web_protocol import RequestHandler
 from .errors import error_response
 from .logs import HTTP_LOG, Throttled
 
-__all__ = ["LISTEN_LIMITS", "Limits", "Runner", "raise_descriptor_limit"]
+__all__ = ["LISTEN_LIMITS", "Limits", "Runner", "max_connections", "raise_descriptor_limit"]
 
 # Why a connection was closed by the proxy, for mdcloud_proxy_connections_closed_total.
 CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "max_connections")
@@ -85,23 +85,26 @@ _MALFORMED: list[tuple[type[HttpProcessingError], str]] = [
 _PLAIN_REASON = re.compile(r"[A-Za-z][A-Za-z -]{2,60}")
 
 
-def raise_descriptor_limit() -> tuple[int, int]:
+def raise_descriptor_limit() -> None:
     """Raise the soft limit on open files to the hard limit, as Go and nginx do.
 
-    Returns (limit in force, limit before). Each connection in flight holds two descriptors
-    (the caller's and the upstream's), and the common default of 1024 is soon used up.
+    Each request in flight holds two descriptors (the caller's and the upstream's), and the
+    common default of 1024 is soon used up.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        for wanted in (hard, 1 << 20, 65536):
-            if wanted == resource.RLIM_INFINITY or wanted <= soft:
-                continue
+    for wanted in (hard, 1 << 20, 65536):  # an unlimited hard limit is refused as a soft one
+        if wanted != resource.RLIM_INFINITY and wanted > soft:
             try:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
             except (ValueError, OSError):
                 continue
-            return wanted, soft
-    return soft, soft
+            return
+
+
+def max_connections(runner: web.BaseRunner) -> int:
+    """How many connections ``runner``'s listener takes before it answers 503."""
+    server = runner.server
+    return server.max_connections if isinstance(server, _Server) else 0
 
 
 def _default_max_connections() -> int:
@@ -228,7 +231,7 @@ class _Connection(RequestHandler):
             status,
             type(exc).__name__,
         )
-        answer = error_response(status, status * 1000 + 4, f"malformed request: {problem}")
+        answer = error_response(status, status * 1000 + 5, f"malformed request: {problem}")
         answer.force_close()
         return answer
 
@@ -288,10 +291,10 @@ def _safe(answer: web.StreamResponse, status: int) -> web.StreamResponse:
     """aiohttp's plain-text 500 or 504 as a MetaDefender-shaped error."""
     if not isinstance(answer, web.Response) or answer.content_type != "text/plain":
         return answer
-    text = "the request failed inside the proxy; its log says why"
+    code, text = 500001, "the request failed inside the proxy; its log says why"
     if status == 504:
-        text = "the request took too long inside the proxy"
-    safe = error_response(status, status * 1000 + 1, text)
+        code, text = 504002, "the request took too long inside the proxy"
+    safe = error_response(status, code, text)
     safe.force_close()
     return safe
 

@@ -139,6 +139,12 @@ class Metrics:
             "Response body bytes sent to callers.",
             registry=self.registry,
         )
+        self.body_memory = Gauge(
+            prefix + "body_memory_bytes",
+            "Request body bytes held in memory for replays or waiting for the spill file "
+            "(at most replay.memory_total, plus one read per upload).",
+            registry=self.registry,
+        )
         self.connections_closed = Counter(
             prefix + "connections_closed",
             "Connections the proxy closed or refused, by reason (header_timeout, body_timeout, "

@@ -170,5 +170,5 @@ async def test_malformed_requests_get_an_error_that_quotes_nothing(make_proxy, n
     head, _, body = data.partition(b"\r\n\r\n")
     assert b" 400 " in head.split(b"\r\n")[0]
     assert b"application/json" in head
-    assert body.startswith(b'{"error": {"code": 400004, "messages": ["mdcloud-proxy: malformed')
+    assert body.startswith(b'{"error": {"code": 400005, "messages": ["mdcloud-proxy: malformed')
     assert b"secret" not in body and API_KEY.encode() not in body and b"\\x" not in body
