@@ -1,4 +1,8 @@
-"""Wiring: ``create_app(config)`` builds the application; ``serve`` runs it, ``drain`` stops it."""
+"""Wiring: ``create_app(config)`` builds the application; ``serve`` runs it, ``drain`` stops it.
+
+The main listener hands every request to the app's ``Pipeline`` (proxy/pipeline.py), which
+owns the order of steps; the app's router answers only the proxy's own ``/-/`` endpoints.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ from .config import Config
 from .errors import error_response
 from .forward import Forwarder
 from .inbound import InboundGuard
-from .listener import LISTEN_LIMITS, Limits, Runner
+from .listener import ENTRY, LISTEN_LIMITS, Entry, Limits, Runner
 from .logs import HTTP_LOG
-from .observe import OPS_ROUTE, Metrics, Traffic, readiness
+from .observe import Metrics, Traffic, readiness
+from .pipeline import Pipeline
 from .tokens import ClientCredentials, TokenCache
 
 __all__ = [
@@ -41,7 +46,6 @@ TOKENS = web.AppKey("tokens", TokenCache)
 METRICS = web.AppKey("metrics", Metrics)
 TRAFFIC = web.AppKey("traffic", Traffic)
 
-FORWARD_ROUTE = "forward"
 # Not '.*': routes match the decoded path, and '.' would not match an encoded newline (%0A).
 ANY_PATH = r"{tail:[\s\S]*}"
 
@@ -89,13 +93,10 @@ def _ops_routes(
             404, 404020, f"{request.path} is not an endpoint of the proxy (/-/ is reserved)"
         )
 
-    routes = [
-        web.get("/-/healthy", healthy, name=OPS_ROUTE + "healthy"),
-        web.get("/-/ready", ready, name=OPS_ROUTE + "ready"),
-    ]
+    routes = [web.get("/-/healthy", healthy), web.get("/-/ready", ready)]
     if metrics:
-        routes.append(web.get("/-/metrics", render, name=OPS_ROUTE + "metrics"))
-    return [*routes, web.route("*", "/-/" + ANY_PATH, unknown, name=OPS_ROUTE + "unknown")]
+        routes.append(web.get("/-/metrics", render))
+    return [*routes, web.route("*", "/-/" + ANY_PATH, unknown)]
 
 
 def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
@@ -112,22 +113,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
         refused=lambda reason: metrics.inbound_refusals.labels(reason).inc(),
     )
 
-    # Run from the middleware, so that it also sees what the router cannot match: CONNECT's
-    # authority-form and '*' targets. Who asks is checked before what is asked, and only then
-    # is the body asked for (100 Continue).
-    async def admit(request: web.Request) -> web.StreamResponse | None:
-        forwarded = request.match_info.route.name == FORWARD_ROUTE
-        refusal: web.StreamResponse | None = inbound.refusal(request) if forwarded else None
-        if refusal is None:
-            refusal = request.app[FORWARDER].refuse(request)
-        if refusal is not None:
-            return refusal
-        continues = request.headers.get("Expect", "").lower() == "100-continue"
-        if forwarded and continues and request.version >= aiohttp.HttpVersion11:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return None
-
-    app = web.Application(middlewares=[metrics.middleware(traffic, admit)])
+    app = web.Application()
     app[METRICS], app[TRAFFIC] = metrics, traffic
     app[LISTEN_LIMITS] = Limits(
         header_timeout=config.header_timeout,
@@ -163,6 +149,14 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
             ssl=tls,
         )
         metrics.body_memory.set_function(lambda: app[FORWARDER].budget.used)
+        pipeline: Entry = Pipeline(
+            inbound=inbound,
+            forwarder=app[FORWARDER],
+            metrics=metrics,
+            traffic=traffic,
+            max_body_size=config.max_body_size,
+        )
+        app[ENTRY] = pipeline
         keeper = asyncio.create_task(tokens.keep_fresh())
         yield
         keeper.cancel()
@@ -171,18 +165,8 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
         await tokens.close()
         await session.close()
 
-    async def forward(request: web.Request) -> web.StreamResponse:
-        return await request.app[FORWARDER](request)
-
-    async def expect(request: web.Request) -> web.StreamResponse | None:
-        # Runs before the middlewares; the guard sends 100 Continue once it lets the request in.
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            return error_response(417, 417001, "only 'Expect: 100-continue' is supported")
-        return None
-
     app.cleanup_ctx.append(lifecycle)
     app.add_routes(_ops_routes(app, clock, metrics=config.admin_port is None))
-    app.router.add_route("*", "/" + ANY_PATH, forward, expect_handler=expect, name=FORWARD_ROUTE)
     return app
 
 

@@ -26,6 +26,7 @@ class ProxyError(Exception):
 
     status = 500
     code = 500000
+    retry_after: float | None = None  # seconds the caller should wait, sent as Retry-After
 
     def __init__(self, message: str, *, status: int | None = None, code: int | None = None):
         super().__init__(message)

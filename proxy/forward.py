@@ -14,7 +14,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .body import MemoryBudget, ReplayableBody
-from .errors import ProxyError, TokenError, describe, error_response
+from .errors import ProxyError, describe
 from .inbound import KEY_HEADER
 from .observe import REPLAY, SENT, Metrics, request_target
 from .tokens import Token, TokenCache
@@ -132,8 +132,13 @@ async def _peek(resp: aiohttp.ClientResponse) -> bytes:
     return bytes(data)
 
 
-def _hung_up_early(exc: BaseException, body: ReplayableBody | None) -> bool:
-    """Whether the upstream dropped the connection while the caller's body was still going up."""
+def _token_refused_by_hanging_up(exc: BaseException, body: ReplayableBody | None) -> bool:
+    """Whether the upstream dropped the connection while the caller's body was still going up.
+
+    It cannot have processed a request it did not read to the end, and the usual reason to
+    hang up on an upload is a refused token, whose 401 the reset can destroy before it is
+    read: such a request is treated as one whose token was refused.
+    """
     dropped = isinstance(exc, aiohttp.ServerDisconnectedError) or (
         isinstance(exc, aiohttp.ClientOSError) and not isinstance(exc, aiohttp.ClientConnectorError)
     )
@@ -176,7 +181,8 @@ def _upstream_failure(exc: BaseException, url: URL, body: ReplayableBody | None)
 
 
 class Forwarder:
-    """Forwards every request to the one upstream with a bearer token (an aiohttp handler)."""
+    """Forwards a request to the one upstream with a bearer token: builds the outgoing
+    request, sends it, replays it once if the token was refused, relays the answer."""
 
     def __init__(
         self,
@@ -204,34 +210,12 @@ class Forwarder:
     def __repr__(self) -> str:
         return f"Forwarder(upstream_url={self._base!r})"
 
-    def refuse(self, request: web.Request) -> web.StreamResponse | None:
-        """The answer to a request that must not be forwarded, or None for one that may be."""
-        # Absolute-form, authority-form and '*' targets could name another host: only paths pass.
-        if request.method == "CONNECT":
-            return error_response(405, 405001, "CONNECT is not supported: this is no forward proxy")
-        if not request.raw_path.startswith("/"):
-            return error_response(
-                400, 400002, "the request target must be a path such as /v4/apikey/"
-            )
-        if request.version < aiohttp.HttpVersion11 and "Transfer-Encoding" in request.headers:
-            # RFC 9112 6.1: its framing is faulty; answer, then close the connection.
-            refusal = error_response(
-                400, 400003, "Transfer-Encoding is not allowed in an HTTP/1.0 request"
-            )
-            refusal.force_close()
-            return refusal
-        length = request.content_length
-        if length is not None and length > self._max_body_size:
-            return error_response(
-                413,
-                413001,
-                f"request body of {length} bytes is larger than limits.max_body_size "
-                f"({self._max_body_size} bytes)",
-            )
-        return None
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Forward one admitted request and relay its answer.
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
-        """Handle one request from a caller (``refuse`` has let it through)."""
+        Raises ProxyError for a failure before anything was sent to the caller; a failure
+        after that aborts the caller's connection.
+        """
         body = None
         if request.body_exists:
             body = ReplayableBody(
@@ -241,29 +225,21 @@ class Forwarder:
                 budget=self.budget,
             )
         try:
-            resp, peeked = await self._exchange(request, body)
+            url, headers = self._outgoing(request, body)
+            resp, peeked = await self._exchange(request, url, headers, body)
             try:
                 return await self._relay(request, resp, peeked)
             finally:
                 # Back to the pool when the answer was read to the end, closed otherwise.
                 resp.release()
-        except ProxyError as exc:  # raised before anything was sent to the caller
-            log.warning("%s %s failed: %s", request.method, request_target(request), exc.message)
-            headers = None
-            if isinstance(exc, TokenError) and exc.retry_after:
-                headers = {"Retry-After": str(max(1, round(exc.retry_after)))}
-            return exc.response(headers)
         finally:
             if body is not None:
                 body.close()
 
-    async def _exchange(
-        self, request: web.Request, body: ReplayableBody | None
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
-        """Send the request; if the token is refused, refresh it and send it once more.
-
-        Returns the answer to relay and the part of its body already read.
-        """
+    def _outgoing(
+        self, request: web.BaseRequest, body: ReplayableBody | None
+    ) -> tuple[URL, CIMultiDict[str]]:
+        """The upstream URL and headers for ``request`` (the token is added per attempt)."""
         forwarded = _filtered(request.headers, _NOT_FORWARDED)
         not_utf8 = _not_utf8(forwarded)
         if not_utf8 is not None:
@@ -286,8 +262,19 @@ class Forwarder:
             # Keep the caller's framing: some gateways refuse chunked uploads.
             headers["Content-Length"] = str(request.content_length)
         # Raw path and query byte for byte; joining URLs would let '//host/x' pick the host.
-        url = URL(self._base + request.raw_path, encoded=True)
+        return URL(self._base + request.raw_path, encoded=True), headers
 
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: ReplayableBody | None,
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """Send the request; if the token is refused, refresh it and send it once more.
+
+        Returns the answer to relay and the part of its body already read.
+        """
         token = await self._tokens.get()
         resp = None
         try:
@@ -296,11 +283,8 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError) as exc:
             if resp is not None:
                 resp.close()
-            if not _hung_up_early(exc, body):
+            if not _token_refused_by_hanging_up(exc, body):
                 raise _upstream_failure(exc, url, body) from None
-            # The upstream cannot have processed a request it did not read to the end. The
-            # usual reason to hang up on an upload is a refused token, whose 401 the reset
-            # can destroy before it is read: treat it as one.
             log.info(
                 "upstream hung up on %s %s before reading the whole body; "
                 "replaying with a fresh token",
@@ -355,7 +339,7 @@ class Forwarder:
         return resp
 
     async def _relay(
-        self, request: web.Request, resp: aiohttp.ClientResponse, peeked: bytes
+        self, request: web.BaseRequest, resp: aiohttp.ClientResponse, peeked: bytes
     ) -> web.StreamResponse:
         """Stream the upstream answer to the caller; abort the connection if it breaks off."""
         headers = _filtered(resp.headers, _NOT_RETURNED)

@@ -18,7 +18,7 @@ __all__ = ["KEY_HEADER", "InboundGuard"]
 KEY_HEADER = "X-Proxy-Key"
 
 
-def _presented_key(request: web.Request) -> str | None:
+def _presented_key(request: web.BaseRequest) -> str | None:
     key = request.headers.get(KEY_HEADER)
     if key:
         return key
@@ -51,7 +51,7 @@ class InboundGuard:
     def __repr__(self) -> str:
         return f"InboundGuard(networks={[str(n) for n in self._networks]}, keys={len(self._keys)})"
 
-    def refusal(self, request: web.Request) -> web.Response | None:
+    def refusal(self, request: web.BaseRequest) -> web.Response | None:
         """The answer to a caller who may not use the proxy, or None for one who may."""
         if self._networks and not self._allowed(request.remote):
             self._refused("network")

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import re
 import resource
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,14 @@ from aiohttp.web_protocol import RequestHandler
 from .errors import error_response
 from .logs import HTTP_LOG, Throttled
 
-__all__ = ["LISTEN_LIMITS", "Limits", "Runner", "max_connections", "raise_descriptor_limit"]
+__all__ = [
+    "ENTRY",
+    "LISTEN_LIMITS",
+    "Limits",
+    "Runner",
+    "max_connections",
+    "raise_descriptor_limit",
+]
 
 # Why a connection was closed by the proxy, for mdcloud_proxy_connections_closed_total.
 CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "max_connections")
@@ -57,6 +64,13 @@ class Limits:
 
 
 LISTEN_LIMITS = web.AppKey("listen_limits", Limits)
+# If an app sets it (at start-up), every request goes to it, with the app's own handler
+# (its router) as the second argument.
+Entry = Callable[
+    [web.BaseRequest, Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]],
+    Awaitable[web.StreamResponse],
+]
+ENTRY: web.AppKey[Entry] = web.AppKey("entry")
 
 _BUSY_BODY = (
     b'{"error":{"code":503030,"messages":["mdcloud-proxy: too many connections '
@@ -302,9 +316,15 @@ def _safe(answer: web.StreamResponse, status: int) -> web.StreamResponse:
 class _Server(web.Server):
     """aiohttp's server, making ``_Connection``s that share ``limits`` and a count."""
 
-    def __init__(self, inner: web.Server, limits: Limits, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        inner: web.Server,
+        limits: Limits,
+        handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(
-            inner.request_handler,
+            handler,
             request_factory=inner.request_factory,
             handler_cancellation=inner.handler_cancellation,
             **kwargs,
@@ -335,4 +355,13 @@ class Runner(web.AppRunner):
         # The connection's own idle deadline decides; aiohttp's is only a backstop.
         idle = limits.idle_timeout or 3600.0
         kwargs["keepalive_timeout"] = idle + max(limits.header_timeout, 1.0)
-        return _Server(inner, limits, **kwargs)
+        entry = self.app.get(ENTRY)
+        handler = inner.request_handler
+        if entry is not None:
+            routed = handler
+
+            async def handler(request: web.BaseRequest) -> web.StreamResponse:
+                answer: web.StreamResponse = await entry(request, routed)
+                return answer
+
+        return _Server(inner, limits, handler, **kwargs)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -26,7 +24,7 @@ from .errors import TokenError, error_response
 from .listener import CLOSE_REASONS
 from .tokens import Token, TokenCache
 
-__all__ = ["OPS_ROUTE", "REPLAY", "SENT", "Metrics", "Traffic", "readiness", "request_target"]
+__all__ = ["CALLER_GONE", "REPLAY", "SENT", "Metrics", "Traffic", "readiness", "request_target"]
 
 log = logging.getLogger("mdcloud_proxy.access")
 Clock = Callable[[], float]
@@ -36,14 +34,11 @@ Clock = Callable[[], float]
 REPLAY = web.RequestKey("replay", str)
 SENT = web.RequestKey("sent", int)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# Route names of the proxy's own /-/ endpoints start with this: they are not counted as
-# requests, and logged only at DEBUG.
-OPS_ROUTE = "ops:"
 # nginx's code for "the caller closed the connection before the answer was sent".
 CALLER_GONE = 499
 
 
-def request_target(request: web.Request) -> str:
+def request_target(request: web.BaseRequest) -> str:
     """The raw path, with query values masked: a tool may put a key in the query string.
 
     The raw target cannot hold CR, LF or spaces, so it is safe to put into a log line.
@@ -192,48 +187,14 @@ class Metrics:
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    def middleware(
-        self, traffic: Traffic, admit: Callable[[web.Request], Awaitable[web.StreamResponse | None]]
-    ) -> Middleware:
-        """Counts, times and logs every request (the reserved ``/-/`` paths only at DEBUG);
-        ``admit`` answers a request that must not reach its handler, or lets it through.
-
-        One middleware, not two: each layer costs a coroutine per request (bench/).
-        """
-
-        @web.middleware
-        async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if (request.match_info.route.name or "").startswith(OPS_ROUTE):
-                answer = await handler(request)
-                log.debug("%s %s -> %d", request.method, request_target(request), answer.status)
-                return answer
-            started = time.monotonic()
-            traffic.started()
-            status = 500  # for an exception other than HTTPException
-            response: web.StreamResponse | None = None
-            try:
-                response = await admit(request) or await handler(request)
-                status = response.status
-                return response
-            except web.HTTPException as exc:
-                status = exc.status
-                raise
-            except asyncio.CancelledError:
-                status = CALLER_GONE
-                raise
-            finally:
-                traffic.finished()
-                self._record(request, status, response, time.monotonic() - started)
-
-        return observe
-
-    def _record(
+    def record(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         status: int,
         response: web.StreamResponse | None,
         duration: float,
     ) -> None:
+        """Count a forwarded request and write its log line."""
         method = request.method if request.method in _METHODS else "other"
         key = (method, status // 100)
         counter = self._request_counters.get(key)
