@@ -12,7 +12,7 @@ import pytest
 import trustme
 from aiohttp import web
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, chunks, random_payload, raw_exchange
+from .conftest import CLIENT_ID, CLIENT_SECRET, chunks, eventually, random_payload, raw_exchange
 
 MiB = 1024 * 1024
 
@@ -337,3 +337,28 @@ async def test_upstream_connections_are_reused(sim, proxy, client):
             assert resp.status == 404
     peers = {r.peer for r in sim.requests if r.raw_path != "/v4/oauth2/token"}
     assert len(peers) == 1, "one kept-alive connection, not one per request (a TLS handshake each)"
+
+
+async def test_answer_headers_leave_with_the_first_body_bytes(proxy_before, handler_upstream):
+    """forward._Relayed relies on aiohttp's private _send_headers_immediately: if a newer
+    aiohttp sends the headers alone again at prepare(), the caller sees them early here."""
+
+    async def late_body(request: web.Request) -> web.StreamResponse:
+        answer = web.StreamResponse(headers={"Content-Type": "application/json"})
+        answer.content_length = 2
+        await answer.prepare(request)
+        await asyncio.sleep(0.6)
+        await answer.write(b"{}")
+        return answer
+
+    proxy = await proxy_before(await handler_upstream(late_body))
+    await eventually(lambda: proxy.tokens.current is not None)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /v4/file/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await reader.read(1)  # nothing yet: the upstream has sent only its headers
+    async with asyncio.timeout(5):
+        first = await reader.read(65536)
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"\r\n\r\n{}")

@@ -35,6 +35,10 @@ MALFORMED = {
     "content-length list": POST + b"Content-Length: 5, 5\r\n\r\nhello",
     "transfer-encoding chunked, identity": POST
     + b"Transfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "transfer-encoding chunked, chunked": POST
+    + b"Transfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "transfer-encoding gzip then chunked twice": POST
+    + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
     "transfer-encoding xchunked": POST
     + b"Transfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
     "space before colon": POST + b"Transfer-Encoding : chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
