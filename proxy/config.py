@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import ssl
@@ -185,15 +186,28 @@ def _keys(value: object) -> tuple[str, ...]:
     return keys
 
 
+_DURATION_RE = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([smh]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
 def _seconds(value: object) -> float:
+    """A duration in seconds: a number, or a string such as ``90``, ``1.5s``, ``15m``, ``24h``."""
     if isinstance(value, str):
-        try:
-            value = float(value.strip().removesuffix("s"))
-        except ValueError:
-            raise ValueError(f"{value!r} is not a number of seconds") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        match = _DURATION_RE.match(value)
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a number of seconds or a duration such as 90s, 15m or 24h"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
         raise ValueError(f"{value!r} is not a non-negative number of seconds")
-    return float(value)
+    if not math.isfinite(seconds):  # YAML's .inf and .nan
+        raise ValueError(f"{value!r} is not a finite number of seconds")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is not a non-negative number of seconds")
+    return seconds
 
 
 def _positive_seconds(value: object) -> float:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy import Config, ConfigError, load_config
-from proxy.config import parse_size
+from proxy.config import KEYS, parse_size
 
 from .conftest import CLIENT_SECRET
 
@@ -449,3 +449,61 @@ async def test_a_client_secret_file_from_windows_still_gets_a_token(
     async with client.get(proxy.url + "/v4/apikey/") as resp:
         assert resp.status == 200
     assert sim.token_requests == 1
+
+
+DURATIONS = [
+    ("upstream.connect_timeout", "connect_timeout"),
+    ("upstream.read_timeout", "read_timeout"),
+    ("oauth.refresh_margin", "refresh_margin"),
+    ("shutdown_timeout", "shutdown_timeout"),
+    ("listen.header_timeout", "header_timeout"),
+    ("listen.body_timeout", "body_timeout"),
+    ("listen.idle_timeout", "idle_timeout"),
+]
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [("90", 90), ("90s", 90), ("15m", 900), ("24h", 86400), ("1.5s", 1.5), (" 2 h ", 7200),
+     ("0.5m", 30), (".25", 0.25), ("45", 45), (45, 45), (2.5, 2.5)],
+)  # fmt: skip
+def test_durations_take_a_unit(tmp_path, given, seconds):
+    """Every duration, in the file or the environment; quotas will count in minutes and hours."""
+    path = tmp_path / "config.yaml"
+    value = f"'{given}'" if isinstance(given, str) else given
+    for key, attr in DURATIONS:
+        section, _, name = key.rpartition(".")
+        path.write_text(f"{section}:\n  {name}: {value}\n" if section else f"{name}: {value}\n")
+        assert getattr(load_config(str(path), environ=ENV), attr) == seconds, key
+        env = {**ENV, KEYS[key].env: str(given)}
+        assert getattr(load_config(environ=env), attr) == seconds, key
+
+
+@pytest.mark.parametrize(
+    "given", ["soon", "15 minutes", "1d", "15M", "m", "1e3", "inf", "nan", "1.5.0", "5ms"]
+)
+def test_anything_else_is_not_a_duration(given):
+    for key, _ in DURATIONS:
+        with pytest.raises(ConfigError) as info:
+            load_config(environ={**ENV, KEYS[key].env: given})
+        assert str(info.value) == (
+            f"{key}: {given!r} is not a number of seconds or a duration such as 90s, 15m or 24h"
+        )
+
+
+@pytest.mark.parametrize(
+    ("yaml_value", "expected"),
+    [
+        ("-1", "-1 is not a non-negative number of seconds"),
+        ("'-5m'", "'-5m' is not a non-negative number of seconds"),
+        (".inf", "inf is not a finite number of seconds"),
+        (".nan", "nan is not a finite number of seconds"),
+        ("true", "True is not a non-negative number of seconds"),
+    ],
+)
+def test_negative_or_infinite_durations_are_refused(tmp_path, yaml_value, expected):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"shutdown_timeout: {yaml_value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ=ENV)
+    assert str(info.value) == f"shutdown_timeout: {expected}"
