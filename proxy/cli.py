@@ -11,14 +11,14 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from aiohttp import web
 
 from . import __version__
 from .app import create_admin_app, create_app, drain, serve
 from .check import check, print_token
-from .config import Config, load_config
+from .config import CONFIG_ENV, KEYS, Config, load_config, token_url_for
 from .errors import ConfigError, describe
 from .listener import max_connections, raise_descriptor_limit
 from .logs import setup_logging, throttle_loop_errors
@@ -38,22 +38,26 @@ DEMO_CLIENT_ID = "demo-client"
 DEMO_CLIENT_SECRET = "demo-secret"  # noqa: S105 - the simulator's, printed on purpose
 
 
+def _add_flags(parser: argparse.ArgumentParser, default: object, common: bool) -> None:
+    """The flags of the declared settings: those also taken after a command, or the others."""
+    for spec in KEYS.values():
+        if spec.flag is None or spec.on_subcommands != common:
+            continue
+        parser.add_argument(
+            spec.flag,
+            dest=spec.key,
+            default=default,
+            choices=spec.choices,
+            metavar=None if spec.choices else spec.flag.removeprefix("--").upper(),
+            help=spec.help.replace("%", "%%"),
+        )
+
+
 def _add_common(parser: argparse.ArgumentParser, default: object) -> None:
     parser.add_argument(
-        "--config", metavar="PATH", default=default, help="YAML config file ($MDCLOUD_PROXY_CONFIG)"
+        "--config", metavar="PATH", default=default, help=f"YAML config file (${CONFIG_ENV})"
     )
-    parser.add_argument(
-        "--log-level",
-        default=default,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log.level (default INFO)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default=default,
-        choices=["text", "json"],
-        help="log.format: text for people (default), json for machines",
-    )
+    _add_flags(parser, default, common=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,16 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_common(parser, None)
-    parser.add_argument(
-        "--loop",
-        choices=["auto", "asyncio", "uvloop"],
-        help="event loop (loop, default auto: uvloop when it is installed)",
-    )
-    parser.add_argument(
-        "--workers", type=int, help="processes sharing the port (workers, default 1)"
-    )
-    parser.add_argument("--host", help="address to listen on (listen.host, default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (listen.port, default 8080)")
+    _add_flags(parser, None, common=False)
     parser.add_argument(
         "--demo",
         action="store_true",
@@ -191,17 +186,10 @@ async def _run_simulator(sim: Simulator, host: str, port: int) -> None:
         await runner.cleanup()
 
 
-async def _run_demo(host: str, port: int) -> None:
+async def _run_demo(flags: Mapping[str, object]) -> None:
     # Checked before anything starts, like any configuration.
-    config = load_config(
-        environ={},
-        overrides={
-            "listen.host": host,
-            "listen.port": port,
-            "oauth.client_id": DEMO_CLIENT_ID,
-            "oauth.client_secret": DEMO_CLIENT_SECRET,
-        },
-    )
+    account = {"oauth.client_id": DEMO_CLIENT_ID, "oauth.client_secret": DEMO_CLIENT_SECRET}
+    config = load_config(environ={}, overrides={**flags, **account})
     # Tokens live 60 s but the simulator drops them after 20 s, so within a minute of
     # use the proxy shows both a refresh ahead of expiry and an expired-token replay.
     sim = Simulator(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, token_lifetime=60, revoke_after=20)
@@ -209,7 +197,7 @@ async def _run_demo(host: str, port: int) -> None:
     try:
         upstream = f"http://127.0.0.1:{sim_runner.addresses[0][1]}"
         config = dataclasses.replace(
-            config, upstream_url=upstream, token_url=upstream + "/v4/oauth2/token"
+            config, upstream_url=upstream, token_url=token_url_for(upstream)
         )
         proxy_runner = await _listen(create_app(config), config.host, config.port, "")
         try:
@@ -254,8 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
+    flags = {spec.key: getattr(args, spec.key, None) for spec in KEYS.values() if spec.flag}
     if args.command == "simulator" or args.demo:
-        setup_logging(args.log_level or "INFO", args.log_format or "text")
+        level, format_ = flags["log.level"], flags["log.format"]
+        setup_logging(str(level or Config.log_level), str(format_ or Config.log_format))
         if args.command == "simulator":
             sim = Simulator(
                 args.client_id,
@@ -266,18 +256,9 @@ def _command(args: argparse.Namespace) -> int:
             )
             asyncio.run(_run_simulator(sim, args.sim_host, args.sim_port))
         else:
-            port = 8080 if args.port is None else args.port
-            asyncio.run(_run_demo(args.host or "127.0.0.1", port))
+            asyncio.run(_run_demo(flags))
         return 0
-    overrides = {
-        "listen.host": args.host,
-        "listen.port": args.port,
-        "log.level": args.log_level,
-        "log.format": args.log_format,
-        "loop": args.loop,
-        "workers": args.workers,
-    }
-    config = load_config(args.config, os.environ, overrides)
+    config = load_config(args.config, os.environ, flags)
     setup_logging(config.log_level, config.log_format)
     if args.command == "check":
         return 0 if asyncio.run(check(config, sys.stdout)) else 1

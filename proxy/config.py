@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,48 +17,29 @@ from yarl import URL
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_UPSTREAM", "KEYS", "Config", "Network", "load_config", "parse_size"]
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_UPSTREAM",
+    "KEYS",
+    "Config",
+    "Network",
+    "Setting",
+    "load_config",
+    "parse_size",
+    "token_url_for",
+]
 
 DEFAULT_UPSTREAM = "https://api.metadefender.com"
+TOKEN_PATH = "/v4/oauth2/token"  # noqa: S105 - a path, not a password
+CONFIG_ENV = "MDCLOUD_PROXY_CONFIG"
 MiB = 1024 * 1024
 MIN_KEY_LENGTH = 16
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@dataclass(frozen=True)
-class Config:
-    """Everything the proxy needs to run; secrets are kept out of ``repr``."""
-
-    client_id: str
-    client_secret: str = field(repr=False)
-    api_key: str | None = field(default=None, repr=False)
-    host: str = "127.0.0.1"
-    port: int = 8080
-    upstream_url: str = DEFAULT_UPSTREAM
-    allow_insecure_upstream: bool = False
-    ca_file: str | None = None
-    connect_timeout: float = 10.0
-    read_timeout: float = 300.0
-    token_url: str = DEFAULT_UPSTREAM + "/v4/oauth2/token"
-    refresh_margin: float = 60.0
-    max_body_size: int = 256 * MiB
-    replay_memory_limit: int = 1 * MiB
-    shutdown_timeout: float = 30.0
-    admin_host: str = "127.0.0.1"
-    admin_port: int | None = None
-    log_level: str = "INFO"
-    log_format: str = "text"
-    allowed_networks: tuple[Network, ...] = ()
-    inbound_keys: tuple[str, ...] = field(default=(), repr=False)
-    allow_unauthenticated: bool = False
-    loop: str = "auto"
-    workers: int = 1
-    header_timeout: float = 10.0
-    body_timeout: float = 60.0
-    idle_timeout: float = 75.0
-    max_connections: int | None = None  # None: half the descriptor limit in force
-    upstream_max_connections: int = 256
-    replay_memory_total: int = 64 * MiB
+def token_url_for(upstream: str) -> str:
+    """The token endpoint of an upstream, unless ``oauth.token_url`` says otherwise."""
+    return upstream + TOKEN_PATH
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -131,15 +113,23 @@ _workers = _integer(1, 64, "a number of processes")
 _connections = _integer(1, 1 << 20, "a number of connections")
 
 
-def _choice(*allowed: str) -> Callable[[object], str]:
-    def parse(value: object) -> str:
+@dataclass(frozen=True)
+class _Choice:
+    """A parser for one of a few words; the flag offers the same words."""
+
+    allowed: tuple[str, ...]
+
+    def __call__(self, value: object) -> str:
         text = _text(value)
-        for choice in allowed:
+        for choice in self.allowed:
             if text.lower() == choice.lower():
                 return choice
-        raise ValueError(f"{text!r} is not one of {', '.join(allowed)}")
+        raise ValueError(f"{text!r} is not one of {', '.join(self.allowed)}")
 
-    return parse
+
+_log_level = _Choice(("DEBUG", "INFO", "WARNING", "ERROR"))
+_log_format = _Choice(("text", "json"))
+_loop = _Choice(("auto", "asyncio", "uvloop"))
 
 
 def _boolean(value: object) -> bool:
@@ -185,15 +175,28 @@ def _keys(value: object) -> tuple[str, ...]:
     return keys
 
 
+_DURATION_RE = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([smh]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+
+
 def _seconds(value: object) -> float:
+    """A duration in seconds: a number, or a string such as ``90``, ``1.5s``, ``15m``, ``24h``."""
     if isinstance(value, str):
-        try:
-            value = float(value.strip().removesuffix("s"))
-        except ValueError:
-            raise ValueError(f"{value!r} is not a number of seconds") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        match = _DURATION_RE.match(value)
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a number of seconds or a duration such as 90s, 15m or 24h"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
         raise ValueError(f"{value!r} is not a non-negative number of seconds")
-    return float(value)
+    if not math.isfinite(seconds):  # YAML's .inf and .nan
+        raise ValueError(f"{value!r} is not a finite number of seconds")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is not a non-negative number of seconds")
+    return seconds
 
 
 def _positive_seconds(value: object) -> float:
@@ -228,67 +231,193 @@ def _ca_bundle(value: object) -> str:
 
 
 @dataclass(frozen=True)
-class _Key:
+class Setting:
+    """One configuration key: how it is parsed, where it is read from, what it fills."""
+
+    key: str
     parse: Callable[[object], Any]
-    env: str
-    attr: str
+    env: str  # MDCLOUD_PROXY_<SECTION>_<KEY>, but for the account's own variables
+    doc: str
+    default: object  # dataclasses.MISSING: required
+    attr: str | None = None  # the Config field; None for a *_file key, which ``fills`` one
+    fills: str | None = None  # a *_file key: the key of the secret its file holds
+    secret: bool = False  # kept out of repr; may come from ``<key>_file`` / ``<env>_FILE`` instead
+    flag: str | None = None  # the command-line flag, if any
+    on_subcommands: bool = False  # the flag is accepted after ``check`` and ``token`` too
+
+    @property
+    def required(self) -> bool:
+        """Whether the proxy cannot start without it."""
+        return self.default is MISSING and self.fills is None
+
+    @property
+    def choices(self) -> tuple[str, ...] | None:
+        """The words it accepts, when it is one of a few."""
+        return self.parse.allowed if isinstance(self.parse, _Choice) else None
+
+    @property
+    def help(self) -> str:
+        """The flag's help text."""
+        if self.default is None or self.default is MISSING:
+            return f"{self.doc} ({self.key})"
+        shown = str(self.default).lower() if isinstance(self.default, bool) else self.default
+        return f"{self.doc} ({self.key}, default {shown})"
 
 
 def _env(key: str) -> str:
     return "MDCLOUD_PROXY_" + key.upper().replace(".", "_")
 
 
-# Every accepted key, its parser, its environment variable and the Config field it fills.
-KEYS: dict[str, _Key] = {
-    "listen.host": _Key(_host, _env("listen.host"), "host"),
-    "listen.port": _Key(_port, _env("listen.port"), "port"),
-    "upstream.url": _Key(_http_url, _env("upstream.url"), "upstream_url"),
-    "upstream.allow_insecure": _Key(_boolean, _env("upstream.allow_insecure"),
-                                    "allow_insecure_upstream"),
-    "upstream.ca_file": _Key(_ca_bundle, _env("upstream.ca_file"), "ca_file"),
-    "upstream.connect_timeout": _Key(_positive_seconds, _env("upstream.connect_timeout"),
-                                     "connect_timeout"),
-    "upstream.read_timeout": _Key(_positive_seconds, _env("upstream.read_timeout"),
-                                  "read_timeout"),
-    "oauth.token_url": _Key(_http_url, _env("oauth.token_url"), "token_url"),
-    "oauth.client_id": _Key(_text, "MDCLOUD_CLIENT_ID", "client_id"),
-    "oauth.client_secret": _Key(_secret, "MDCLOUD_CLIENT_SECRET", "client_secret"),
-    "oauth.client_secret_file": _Key(_text, "MDCLOUD_CLIENT_SECRET_FILE", ""),
-    "oauth.refresh_margin": _Key(_seconds, _env("oauth.refresh_margin"), "refresh_margin"),
-    "api_key": _Key(_secret, "MDCLOUD_API_KEY", "api_key"),
-    "api_key_file": _Key(_text, "MDCLOUD_API_KEY_FILE", ""),
-    "limits.max_body_size": _Key(parse_size, _env("limits.max_body_size"), "max_body_size"),
-    "replay.memory_limit": _Key(parse_size, _env("replay.memory_limit"), "replay_memory_limit"),
-    "shutdown_timeout": _Key(_seconds, _env("shutdown_timeout"), "shutdown_timeout"),
-    "admin.host": _Key(_host, _env("admin.host"), "admin_host"),
-    "admin.port": _Key(_port, _env("admin.port"), "admin_port"),
-    "log.level": _Key(_choice("DEBUG", "INFO", "WARNING", "ERROR"), _env("log.level"),
-                      "log_level"),
-    "log.format": _Key(_choice("text", "json"), _env("log.format"), "log_format"),
-    "inbound.allowed_networks": _Key(_networks, _env("inbound.allowed_networks"),
-                                     "allowed_networks"),
-    "inbound.keys": _Key(_keys, _env("inbound.keys"), "inbound_keys"),
-    "inbound.keys_file": _Key(_text, _env("inbound.keys_file"), ""),
-    "inbound.allow_unauthenticated": _Key(_boolean, _env("inbound.allow_unauthenticated"),
-                                          "allow_unauthenticated"),
-    "loop": _Key(_choice("auto", "asyncio", "uvloop"), _env("loop"), "loop"),
-    "workers": _Key(_workers, _env("workers"), "workers"),
-    "listen.header_timeout": _Key(_seconds, _env("listen.header_timeout"), "header_timeout"),
-    "listen.body_timeout": _Key(_seconds, _env("listen.body_timeout"), "body_timeout"),
-    "listen.idle_timeout": _Key(_seconds, _env("listen.idle_timeout"), "idle_timeout"),
-    "listen.max_connections": _Key(_connections, _env("listen.max_connections"),
-                                   "max_connections"),
-    "upstream.max_connections": _Key(_connections, _env("upstream.max_connections"),
-                                     "upstream_max_connections"),
-    "replay.memory_total": _Key(parse_size, _env("replay.memory_total"), "replay_memory_total"),
-}  # fmt: skip
-# Secrets that may come from a file instead (Docker and Kubernetes secrets are files).
-_SECRET_FILES = {
-    "oauth.client_secret_file": "oauth.client_secret",
-    "api_key_file": "api_key",
-    "inbound.keys_file": "inbound.keys",
-}
-CONFIG_ENV = "MDCLOUD_PROXY_CONFIG"
+def setting(
+    key: str,
+    parse: Callable[[object], Any],
+    default: object = MISSING,
+    *,
+    doc: str,
+    env: str | None = None,
+    flag: str | None = None,
+    on_subcommands: bool = False,
+    secret: bool = False,
+) -> Any:
+    """Declare a ``Config`` field as the setting ``key``; everything else is derived from it.
+
+    ``env`` defaults to ``MDCLOUD_PROXY_<SECTION>_<KEY>``. A ``secret`` stays out of ``repr``
+    and may also be given as ``<key>_file`` (``<env>_FILE``), the path of a file that holds it.
+    """
+    declared = Setting(
+        key,
+        parse,
+        env or _env(key),
+        doc,
+        default,
+        secret=secret,
+        flag=flag,
+        on_subcommands=on_subcommands,
+    )
+    metadata = {"setting": declared}
+    if default is MISSING:
+        return field(repr=not secret, metadata=metadata)
+    return field(default=default, repr=not secret, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the proxy needs to run; secrets are kept out of ``repr``.
+
+    Each field is one setting: its key, parser, default and documentation (see ``setting``).
+    """
+
+    client_id: str = setting(
+        "oauth.client_id", _text, env="MDCLOUD_CLIENT_ID", doc="OAuth client id"
+    )
+    client_secret: str = setting(
+        "oauth.client_secret",
+        _secret,
+        env="MDCLOUD_CLIENT_SECRET",
+        secret=True,
+        doc="OAuth client secret",
+    )
+    api_key: str | None = setting(
+        "api_key", _secret, None, env="MDCLOUD_API_KEY", secret=True, doc="apikey sent upstream"
+    )
+    host: str = setting(
+        "listen.host", _host, "127.0.0.1", flag="--host", doc="address to listen on"
+    )
+    port: int = setting("listen.port", _port, 8080, flag="--port", doc="port to listen on")
+    upstream_url: str = setting(
+        "upstream.url", _http_url, DEFAULT_UPSTREAM, doc="MetaDefender Cloud base URL"
+    )
+    allow_insecure_upstream: bool = setting(
+        "upstream.allow_insecure", _boolean, False, doc="allow plain http:// off loopback"
+    )
+    ca_file: str | None = setting(
+        "upstream.ca_file", _ca_bundle, None, doc="PEM CA bundle to trust"
+    )
+    connect_timeout: float = setting(
+        "upstream.connect_timeout", _positive_seconds, 10.0, doc="seconds to connect upstream"
+    )
+    read_timeout: float = setting(
+        "upstream.read_timeout", _positive_seconds, 300.0, doc="seconds between two reads"
+    )
+    token_url: str = setting(
+        "oauth.token_url", _http_url, token_url_for(DEFAULT_UPSTREAM), doc="token endpoint"
+    )
+    refresh_margin: float = setting(
+        "oauth.refresh_margin", _seconds, 60.0, doc="seconds before expiry to refresh"
+    )
+    max_body_size: int = setting(
+        "limits.max_body_size", parse_size, 256 * MiB, doc="larger request bodies get 413"
+    )
+    replay_memory_limit: int = setting(
+        "replay.memory_limit", parse_size, 1 * MiB, doc="in memory per body for a replay"
+    )
+    shutdown_timeout: float = setting(
+        "shutdown_timeout", _seconds, 30.0, doc="seconds to drain at SIGTERM"
+    )
+    admin_host: str = setting("admin.host", _host, "127.0.0.1", doc="admin listener address")
+    admin_port: int | None = setting("admin.port", _port, None, doc="admin listener port")
+    log_level: str = setting(
+        "log.level", _log_level, "INFO", flag="--log-level", on_subcommands=True, doc="log level"
+    )
+    log_format: str = setting(
+        "log.format",
+        _log_format,
+        "text",
+        flag="--log-format",
+        on_subcommands=True,
+        doc="text for people, json for machines",
+    )
+    allowed_networks: tuple[Network, ...] = setting(
+        "inbound.allowed_networks", _networks, (), doc="callers' networks; others get 403"
+    )
+    inbound_keys: tuple[str, ...] = setting(
+        "inbound.keys", _keys, (), secret=True, doc="keys callers must present"
+    )
+    allow_unauthenticated: bool = setting(
+        "inbound.allow_unauthenticated", _boolean, False, doc="no inbound protection off loopback"
+    )
+    loop: str = setting(
+        "loop", _loop, "auto", flag="--loop", doc="event loop; auto: uvloop if installed"
+    )
+    workers: int = setting(
+        "workers", _workers, 1, flag="--workers", doc="processes sharing the port"
+    )
+    header_timeout: float = setting(
+        "listen.header_timeout", _seconds, 10.0, doc="seconds to send a request head"
+    )
+    body_timeout: float = setting(
+        "listen.body_timeout", _seconds, 60.0, doc="seconds between body reads"
+    )
+    idle_timeout: float = setting(
+        "listen.idle_timeout", _seconds, 75.0, doc="seconds a connection may idle"
+    )
+    max_connections: int | None = setting(
+        "listen.max_connections", _connections, None, doc="connections at once"
+    )
+    upstream_max_connections: int = setting(
+        "upstream.max_connections", _connections, 256, doc="connections to the upstream at once"
+    )
+    replay_memory_total: int = setting(
+        "replay.memory_total", parse_size, 64 * MiB, doc="in memory for all bodies"
+    )
+
+
+def _declared() -> dict[str, Setting]:
+    table: dict[str, Setting] = {}
+    for each in fields(Config):
+        declared: Setting = replace(each.metadata["setting"], attr=each.name)
+        table[declared.key] = declared
+        if declared.secret:
+            # Docker and Kubernetes secrets are files.
+            file_key = declared.key + "_file"
+            doc = f"file holding {declared.key}"
+            env = declared.env + "_FILE"
+            table[file_key] = Setting(file_key, _text, env, doc, None, fills=declared.key)
+    return table
+
+
+# Every accepted key, derived from the fields of Config.
+KEYS: dict[str, Setting] = _declared()
 
 
 def _flatten(data: Mapping[Any, Any], prefix: str = "") -> dict[str, object]:
@@ -348,44 +477,50 @@ def load_config(
     """
     environ = os.environ if environ is None else environ
     path = path or environ.get(CONFIG_ENV) or None
-    raw: dict[str, object] = _read_yaml(path) if path else {}
-    for key, spec in KEYS.items():
-        if environ.get(spec.env):
-            raw[key] = environ[spec.env]
-    for key, value in (overrides or {}).items():
+    raw = _read_yaml(path) if path else {}
+    raw.update({key: environ[spec.env] for key, spec in KEYS.items() if environ.get(spec.env)})
+    for key in overrides or {}:
         if key not in KEYS:
             raise ConfigError(f"{key}: unknown key")
-        if value is not None:
-            raw[key] = value
-
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if value is None:
-            continue
-        try:
-            values[key] = KEYS[key].parse(value)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-
-    for file_key, key in _SECRET_FILES.items():
-        path = values.pop(file_key, None)
-        if path is None:
-            continue
-        if key in values:
-            raise ConfigError(f"{file_key}: set either {key} or {file_key}, not both")
-        text = _read_secret_file(file_key, path)
-        try:
-            values[key] = KEYS[key].parse(text)
-        except ValueError as exc:
-            raise ConfigError(f"{file_key}: {path}: {exc}") from None
-    for key in ("oauth.client_id", "oauth.client_secret"):
-        if key not in values:
-            raise ConfigError(f"{key}: missing (set it in the config file or {KEYS[key].env})")
+    raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    values = {key: _parse(key, value) for key, value in raw.items() if value is not None}
+    for spec in KEYS.values():
+        if spec.fills is not None and spec.key in values:
+            _read_into(values, spec.key, spec.fills)
+    for spec in KEYS.values():
+        if spec.required and spec.key not in values:
+            raise ConfigError(f"{spec.key}: missing (set it in the config file or {spec.env})")
     upstream = values.get("upstream.url", DEFAULT_UPSTREAM)
-    values.setdefault("oauth.token_url", upstream + "/v4/oauth2/token")
-    config = Config(**{KEYS[key].attr: value for key, value in values.items()})
+    values.setdefault("oauth.token_url", token_url_for(upstream))
+    config = Config(
+        **{spec.attr: values[key] for key, spec in KEYS.items() if spec.attr and key in values}
+    )
     if not config.allow_insecure_upstream:
         _refuse_plain_http(config)
+    _refuse_unprotected_host(config)
+    return config
+
+
+def _parse(key: str, value: object) -> Any:
+    try:
+        return KEYS[key].parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _read_into(values: dict[str, Any], file_key: str, key: str) -> None:
+    """Replace ``values[file_key]``, a path, by ``values[key]``, the secret in that file."""
+    path = values.pop(file_key)
+    if key in values:
+        raise ConfigError(f"{file_key}: set either {key} or {file_key}, not both")
+    text = _read_secret_file(file_key, path)
+    try:
+        values[key] = KEYS[key].parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{file_key}: {path}: {exc}") from None
+
+
+def _refuse_unprotected_host(config: Config) -> None:
     protected = config.allowed_networks or config.inbound_keys or config.allow_unauthenticated
     if not _is_loopback(config.host) and not protected:
         raise ConfigError(
@@ -393,7 +528,6 @@ def load_config(
             "the proxy acts as your MetaDefender account; set inbound.allowed_networks or "
             "inbound.keys, or inbound.allow_unauthenticated: true to accept that"
         )
-    return config
 
 
 # What crosses the network with each URL; a plain http:// URL to another machine shows it

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from proxy import Config, ConfigError, load_config
-from proxy.config import parse_size
+from proxy.config import KEYS, parse_size
 
 from .conftest import CLIENT_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_UPSTREAM = "https://api.metadefender.com"
 ENV = {"MDCLOUD_CLIENT_ID": "id", "MDCLOUD_CLIENT_SECRET": CLIENT_SECRET}
 
 
@@ -29,10 +32,65 @@ def test_environment_alone_is_enough():
     assert config.read_timeout == 300 and config.api_key is None
 
 
+def _flat(data: dict[str, object], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, value in data.items():
+        if isinstance(value, dict):
+            keys |= _flat(value, f"{prefix}{name}.")
+        else:
+            keys.add(prefix + name)
+    return keys
+
+
 def test_example_file_documents_the_defaults():
     """config.example.yaml, with the credentials filled in, gives exactly the defaults."""
-    config = load_config(str(ROOT / "config.example.yaml"), environ=ENV)
+    path = ROOT / "config.example.yaml"
+    config = load_config(str(path), environ=ENV)
     assert config == load_config(environ=ENV)
+    # Every declared key is in it, set or commented out (`# key: example`).
+    uncommented = re.sub(r"^(\s*)# ([a-z_]+:)", r"\1\2", path.read_text(), flags=re.MULTILINE)
+    assert _flat(yaml.safe_load(uncommented)) == set(KEYS)
+
+
+def _readme_configuration_rows() -> dict[str, list[str]]:
+    """The rows `| `key` | `ENV` | flag | default |` of README's configuration table."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Configuration\n")[1].split("\n## ")[0]
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+            assert cells[0].strip("`") not in rows, line
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def test_readme_lists_every_key_with_its_environment_variable_flag_and_default():
+    rows = _readme_configuration_rows()
+    assert set(rows) == set(KEYS)
+    for key, setting in KEYS.items():
+        _, env, flag, default = rows[key]
+        assert env == f"`{setting.env}`", key
+        assert flag == (f"`{setting.flag}`" if setting.flag else ""), key
+        shown = re.match(r"`([^`]*)`", default)
+        if shown is None:  # prose such as "required" or "unset: no admin listener"
+            assert setting.required or setting.default in (None, ()), key
+        else:
+            value = shown.group(1).replace("<upstream.url>", DEFAULT_UPSTREAM)
+            assert setting.parse(value) == setting.default, key
+
+
+def test_environment_names_follow_the_rule_but_for_the_account():
+    exceptions = {
+        "oauth.client_id": "MDCLOUD_CLIENT_ID",
+        "oauth.client_secret": "MDCLOUD_CLIENT_SECRET",
+        "oauth.client_secret_file": "MDCLOUD_CLIENT_SECRET_FILE",
+        "api_key": "MDCLOUD_API_KEY",
+        "api_key_file": "MDCLOUD_API_KEY_FILE",
+    }
+    for key, setting in KEYS.items():
+        rule = "MDCLOUD_PROXY_" + key.upper().replace(".", "_")
+        assert setting.env == exceptions.get(key, rule)
 
 
 def test_file_then_environment_then_flags(tmp_path):
@@ -449,3 +507,92 @@ async def test_a_client_secret_file_from_windows_still_gets_a_token(
     async with client.get(proxy.url + "/v4/apikey/") as resp:
         assert resp.status == 200
     assert sim.token_requests == 1
+
+
+DURATIONS = [
+    ("upstream.connect_timeout", "connect_timeout"),
+    ("upstream.read_timeout", "read_timeout"),
+    ("oauth.refresh_margin", "refresh_margin"),
+    ("shutdown_timeout", "shutdown_timeout"),
+    ("listen.header_timeout", "header_timeout"),
+    ("listen.body_timeout", "body_timeout"),
+    ("listen.idle_timeout", "idle_timeout"),
+]
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [("90", 90), ("90s", 90), ("15m", 900), ("24h", 86400), ("1.5s", 1.5), (" 2 h ", 7200),
+     ("0.5m", 30), (".25", 0.25), ("45", 45), (45, 45), (2.5, 2.5)],
+)  # fmt: skip
+def test_durations_take_a_unit(tmp_path, given, seconds):
+    """Every duration, in the file or the environment; quotas will count in minutes and hours."""
+    path = tmp_path / "config.yaml"
+    value = f"'{given}'" if isinstance(given, str) else given
+    for key, attr in DURATIONS:
+        section, _, name = key.rpartition(".")
+        path.write_text(f"{section}:\n  {name}: {value}\n" if section else f"{name}: {value}\n")
+        assert getattr(load_config(str(path), environ=ENV), attr) == seconds, key
+        env = {**ENV, KEYS[key].env: str(given)}
+        assert getattr(load_config(environ=env), attr) == seconds, key
+
+
+@pytest.mark.parametrize(
+    "given", ["soon", "15 minutes", "1d", "15M", "m", "1e3", "inf", "nan", "1.5.0", "5ms"]
+)
+def test_anything_else_is_not_a_duration(given):
+    for key, _ in DURATIONS:
+        with pytest.raises(ConfigError) as info:
+            load_config(environ={**ENV, KEYS[key].env: given})
+        assert str(info.value) == (
+            f"{key}: {given!r} is not a number of seconds or a duration such as 90s, 15m or 24h"
+        )
+
+
+@pytest.mark.parametrize(
+    ("yaml_value", "expected"),
+    [
+        ("-1", "-1 is not a non-negative number of seconds"),
+        ("'-5m'", "'-5m' is not a non-negative number of seconds"),
+        (".inf", "inf is not a finite number of seconds"),
+        (".nan", "nan is not a finite number of seconds"),
+        ("true", "True is not a non-negative number of seconds"),
+    ],
+)
+def test_negative_or_infinite_durations_are_refused(tmp_path, yaml_value, expected):
+    path = tmp_path / "config.yaml"
+    path.write_text(f"shutdown_timeout: {yaml_value}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), environ=ENV)
+    assert str(info.value) == f"shutdown_timeout: {expected}"
+
+
+def _command(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MDCLOUD")}
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True, text=True, timeout=30, env=env, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_flags_come_from_the_declarations():
+    """Each declared flag is offered, with its key and default; log flags after check/token too."""
+    main = " ".join(_command("--help").stdout.split())
+    flagged = [setting for setting in KEYS.values() if setting.flag]
+    assert {s.key for s in flagged} >= {"listen.host", "listen.port", "log.level", "workers"}
+    for setting in flagged:
+        assert setting.flag in main
+        assert f"({setting.key}, default " in main, setting.key
+    for command in ("check", "token"):
+        sub = " ".join(_command(command, "--help").stdout.split())
+        assert "--log-level {DEBUG,INFO,WARNING,ERROR}" in sub
+        assert "--log-format {text,json}" in sub
+        assert "--port" not in sub
+
+
+def test_a_bad_flag_value_is_a_configuration_error_naming_the_key():
+    result = _command("--port", "eighty", "--workers", "2")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "mdcloud-proxy: configuration error: listen.port: 'eighty' is not a port number (0-65535)\n"
+    )
