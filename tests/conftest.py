@@ -1,26 +1,59 @@
-"""Fixtures: the simulator and the proxy on loopback, real sockets, a controllable clock."""
+"""Fixtures and helpers, defined once: the simulator and the proxy on loopback, raw TCP
+servers, real sockets, a controllable clock, the proxy as a child process."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+import re
+import ssl
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import Simulator, create_app, load_config, serve
+from proxy import Config, Simulator, create_app, load_config, serve
 from proxy.app import TOKENS
 from proxy.tokens import TokenCache
 
 CLIENT_ID = "test-client"
 CLIENT_SECRET = "s3cr3t-client-secret-value"
 API_KEY = "0123456789abcdef-api-key-value"
+TOKEN_PATH = "/v4/oauth2/token"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def proxy_settings(upstream: str, **overrides: Any) -> dict[str, Any]:
+    """The least a proxy needs (its upstream and the test account), as ``load_config``
+    overrides; ``overrides`` use the same dotted keys: ``**{"upstream.read_timeout": 0.2}``."""
+    return {
+        "upstream.url": upstream,
+        "oauth.client_id": CLIENT_ID,
+        "oauth.client_secret": CLIENT_SECRET,
+        **overrides,
+    }
+
+
+def proxy_config(upstream: str, **overrides: Any) -> Config:
+    """A ``Config`` from `proxy_settings` alone: no file, no environment."""
+    return load_config(environ={}, overrides=proxy_settings(upstream, **overrides))
+
+
+def account_env(upstream: str, secret: str = CLIENT_SECRET) -> dict[str, str]:
+    """The same least settings as environment variables, for the proxy as a process."""
+    return {
+        "MDCLOUD_CLIENT_ID": CLIENT_ID,
+        "MDCLOUD_CLIENT_SECRET": secret,
+        "MDCLOUD_PROXY_UPSTREAM_URL": upstream,
+    }
 
 
 class FakeClock:
@@ -85,14 +118,7 @@ async def make_proxy(
     upstream: str, clock: FakeClock, start: Callable[..., Awaitable[int]]
 ) -> Callable[..., Awaitable[Proxy]]:
     async def _make(**overrides: Any) -> Proxy:
-        settings: dict[str, Any] = {
-            "upstream.url": upstream,
-            "oauth.client_id": CLIENT_ID,
-            "oauth.client_secret": CLIENT_SECRET,
-        }
-        settings.update(overrides)
-        config = load_config(environ={}, overrides=settings)
-        app = create_app(config, clock=clock)
+        app = create_app(proxy_config(upstream, **overrides), clock=clock)
         port = await start(app)
         return Proxy(f"http://127.0.0.1:{port}", port, app)
 
@@ -106,7 +132,7 @@ def proxy_before(
     """A proxy in front of a test's own upstream; tokens still come from the simulator."""
 
     async def _make(url: str, **overrides: Any) -> Proxy:
-        token_url = upstream + "/v4/oauth2/token"
+        token_url = upstream + TOKEN_PATH
         return await make_proxy(**{"upstream.url": url, "oauth.token_url": token_url, **overrides})
 
     return _make
@@ -215,21 +241,45 @@ async def chunks(data: bytes, size: int = 256 * 1024) -> AsyncIterator[bytes]:
         await asyncio.sleep(0)
 
 
-class RawUpstream:
-    """An upstream that answers every request with fixed bytes and keeps the raw requests.
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
-    For what an aiohttp server would tidy up: hop-by-hop response headers, broken framing.
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that says only what a test scripts, for what an aiohttp
+    server would tidy up or refuse to do: hop-by-hop answer headers, broken framing, resets,
+    stalls, answers in pieces.
+
+    ``script`` is either a coroutine run for each connection, or fixed bytes: each connection
+    then has its request head read (and kept in ``requests``) and answered with those bytes,
+    then closed (``close=False``: held open until the peer hangs up). A peer hanging up is
+    not an error. ``tls`` serves HTTPS.
     """
 
-    def __init__(self, response: bytes, *, close: bool = True) -> None:
-        self.response = response
-        self.close = close
+    def __init__(
+        self, script: Script | bytes, *, close: bool = True, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.connections = 0
         self.requests: list[bytes] = []
+        self.url = ""
+        self._script = self._answer_with(script, close) if isinstance(script, bytes) else script
+        self._tls = tls
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
+    def _answer_with(self, response: bytes, close: bool) -> Script:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.write(response)
+            await writer.drain()
+            if not close:
+                await reader.read()
+
+        return answer
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self._tls)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"{'https' if self._tls else 'http'}://127.0.0.1:{port}"
+        return self.url
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -237,29 +287,110 @@ class RawUpstream:
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            self.requests.append(head)
-            writer.write(self.response)
-            await writer.drain()
-            if not self.close:
-                await reader.read()
-        except (ConnectionError, asyncio.IncompleteReadError):
+            await self._script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
             writer.close()
 
 
 @pytest.fixture
-async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[tuple[RawUpstream, str]]]]:
-    servers: list[RawUpstream] = []
+async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[tuple[RawServer, str]]]]:
+    """Start a `RawServer` (same arguments); returns it and its URL. All stop at the end."""
+    servers: list[RawServer] = []
 
-    async def _make(response: bytes, **kwargs: Any) -> tuple[RawUpstream, str]:
-        server = RawUpstream(response, **kwargs)
+    async def _make(script: Script | bytes, **kwargs: Any) -> tuple[RawServer, str]:
+        server = RawServer(script, **kwargs)
         servers.append(server)
-        port = await server.start()
-        return server, f"http://127.0.0.1:{port}"
+        return server, await server.start()
 
     yield _make
     for server in servers:
         await server.stop()
+
+
+# -- asking and reading ----------------------------------------------------------------------
+
+
+async def get_status(client: aiohttp.ClientSession, url: str, **kwargs: Any) -> int | str:
+    """GET ``url`` and read the whole answer: its status, or where there is no answer the
+    client error's type name (``"ClientOSError"``), so that many outcomes compare in one
+    assert and an unexpected failure shows in its message."""
+    try:
+        async with client.get(url, **kwargs) as resp:
+            await resp.read()
+            return resp.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return type(exc).__name__
+
+
+async def md_error(resp: aiohttp.ClientResponse) -> tuple[int, int, str]:
+    """Status, code and the one message of the proxy's own MetaDefender-shaped error."""
+    body = await resp.json()
+    (message,) = body["error"]["messages"]
+    assert message.startswith("mdcloud-proxy: ")
+    return resp.status, body["error"]["code"], message
+
+
+def api_requests(sim: Simulator) -> list[Any]:
+    """What reached the simulator besides the proxy's token requests."""
+    return [r for r in sim.requests if r.raw_path != TOKEN_PATH]
+
+
+async def scrape(
+    client: aiohttp.ClientSession, url: str
+) -> dict[tuple[str, tuple[Any, ...]], float]:
+    """The samples of a metrics page as {(name, sorted labels): value}."""
+    async with client.get(url) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=")
+        text = await resp.text()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+# -- the proxy as a process ------------------------------------------------------------------
+
+
+async def spawn(
+    *args: str,
+    env: dict[str, str] | None = None,
+    stderr: int = asyncio.subprocess.STDOUT,
+    preexec_fn: Callable[[], None] | None = None,
+) -> asyncio.subprocess.Process:
+    """``python -m proxy ARGS`` with ``env`` on top of this environment without MDCLOUD_*;
+    its output on ``proc.stdout``. ``preexec_fn`` runs in the child (resource limits)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MDCLOUD")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        env={**clean, **(env or {})},
+        cwd=ROOT,
+        preexec_fn=preexec_fn,
+    )
+
+
+async def wait_for_line(proc: asyncio.subprocess.Process, pattern: str) -> re.Match[str]:
+    """Read ``proc.stdout`` up to the first line matching ``pattern`` (15 s at most)."""
+    assert proc.stdout is not None
+    seen = []
+    async with asyncio.timeout(15):
+        while True:
+            line = (await proc.stdout.readline()).decode()
+            seen.append(line)
+            if not line:
+                raise AssertionError(
+                    "process ended without printing " + pattern + ":\n" + "".join(seen)
+                )
+            match = re.search(pattern, line)
+            if match:
+                return match

@@ -6,20 +6,20 @@ import asyncio
 import hashlib
 import json
 import os
-import re
-import resource
 import shutil
 import signal
 import socket
-import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
 
-from .conftest import API_KEY, CLIENT_ID, CLIENT_SECRET, chunks, eventually
-
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import (
+    API_KEY,
+    account_env,
+    eventually,
+    spawn,
+    wait_for_line,
+)
 
 
 def _has_ipv6_loopback() -> bool:
@@ -34,38 +34,6 @@ def _has_ipv6_loopback() -> bool:
 
 
 needs_ipv6 = pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback (::1) here")
-
-
-async def spawn(
-    *args: str, env: dict[str, str] | None = None, stderr: int = asyncio.subprocess.STDOUT
-) -> asyncio.subprocess.Process:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MDCLOUD")}
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=stderr,
-        env={**clean, **(env or {})},
-        cwd=ROOT,
-    )
-
-
-async def wait_for_line(proc: asyncio.subprocess.Process, pattern: str) -> re.Match[str]:
-    assert proc.stdout is not None
-    seen = []
-    async with asyncio.timeout(15):
-        while True:
-            line = (await proc.stdout.readline()).decode()
-            seen.append(line)
-            if not line:
-                raise AssertionError(
-                    "process ended without printing " + pattern + ":\n" + "".join(seen)
-                )
-            match = re.search(pattern, line)
-            if match:
-                return match
 
 
 async def stop(proc: asyncio.subprocess.Process, sig: int | None = signal.SIGTERM) -> int:
@@ -147,14 +115,6 @@ async def test_port_in_use_is_a_clear_error():
         out.decode()
         == f"mdcloud-proxy: cannot listen on 127.0.0.1:{port}: Address already in use\n"
     )
-
-
-def account_env(upstream: str, secret: str = CLIENT_SECRET) -> dict[str, str]:
-    return {
-        "MDCLOUD_CLIENT_ID": CLIENT_ID,
-        "MDCLOUD_CLIENT_SECRET": secret,
-        "MDCLOUD_PROXY_UPSTREAM_URL": upstream,
-    }
 
 
 async def run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
@@ -319,43 +279,6 @@ async def test_a_worker_that_dies_stops_the_rest(sim, upstream):
     assert await stop(proxy, None) == 1  # for the supervisor to restart it whole
     with pytest.raises(ProcessLookupError):
         os.kill(pids[1], 0)
-
-
-async def test_a_spill_file_that_cannot_be_written_is_a_507_on_replay(sim, upstream, client):
-    # Files may not grow past 1 MiB in this proxy process (Python ignores SIGXFSZ, so the
-    # write fails with EFBIG), as on a full disk.
-    def limit_files() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
-    env = {**account_env(upstream), "MDCLOUD_PROXY_REPLAY_MEMORY_LIMIT": "64KiB"}
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MDCLOUD")}
-    proxy = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--port", "0", env={**clean, **env}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=limit_files,
-    )  # fmt: skip
-    try:
-        base = (await wait_for_line(proxy, r"listening on (http://127\.0\.0\.1:\d+)")).group(1)
-        data = os.urandom(4 << 20)
-        # Without a replay the copy is not needed, and its failure does not matter.
-        async with client.post(base + "/v4/file", data=chunks(data)) as resp:
-            assert resp.status == 200
-        sim.expire_tokens()  # now the upload must be replayed, from a copy that is not whole
-        async with client.post(base + "/v4/file", data=chunks(data)) as resp:
-            assert resp.status == 507
-            body = await resp.json()
-        assert body["error"]["code"] == 507001
-        assert body["error"]["messages"][0].startswith(
-            "mdcloud-proxy: cannot keep a copy of the body for a replay: File too large"
-        )
-        async with client.get(base + "/v4/apikey/") as resp:
-            assert resp.status == 200
-    finally:
-        proxy.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(15):
-            out, _ = await proxy.communicate()
-    assert proxy.returncode == 0
-    assert b"Traceback" not in out and b"never retrieved" not in out, out.decode()
 
 
 @needs_ipv6

@@ -14,9 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .conftest import CLIENT_ID, CLIENT_SECRET
-
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT, TOKEN_PATH, account_env, get_status
 
 
 class Child:
@@ -43,9 +41,8 @@ async def child(upstream: str) -> AsyncIterator[Callable[..., object]]:
             **settings,
         }
         env.update(
-            MDCLOUD_CLIENT_ID=CLIENT_ID,
-            MDCLOUD_CLIENT_SECRET=CLIENT_SECRET,
-            MDCLOUD_PROXY_OAUTH_TOKEN_URL=upstream + "/v4/oauth2/token",
+            account_env(upstream),
+            MDCLOUD_PROXY_OAUTH_TOKEN_URL=upstream + TOKEN_PATH,
             **{"MDCLOUD_PROXY_" + k: v for k, v in settings.items()},
         )
 
@@ -91,15 +88,6 @@ async def child(upstream: str) -> AsyncIterator[Callable[..., object]]:
         async with asyncio.timeout(15):
             await started.proc.wait()
             await started.reader  # type: ignore[attr-defined]
-
-
-async def get_status(session: aiohttp.ClientSession, url: str) -> int | str:
-    try:
-        async with session.get(url) as resp:
-            await resp.read()
-            return resp.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        return type(exc).__name__
 
 
 async def test_the_open_file_limit_is_raised_to_the_hard_limit(child):

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .conftest import chunks, eventually, open_deleted_files
+from .conftest import chunks, eventually, get_status, md_error, open_deleted_files
 
 REPEAT = 8
 # A token fetch that fails is retried inside the fetch, with real pauses of about a second.
@@ -43,56 +43,6 @@ async def assert_no_leak_over_repeats(
         await healthy()
     await eventually(lambda: open_fds() <= fds + SLACK_FDS)
     await eventually(lambda: open_deleted_files() <= temp_files)
-
-
-async def md_error(resp: aiohttp.ClientResponse) -> tuple[int, int, str]:
-    body = await resp.json()
-    (message,) = body["error"]["messages"]
-    assert message.startswith("mdcloud-proxy: ")
-    return resp.status, body["error"]["code"], message
-
-
-class RawServer:
-    """A TCP server whose per-connection behaviour is one coroutine."""
-
-    def __init__(
-        self, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-    ):
-        self._serve = serve
-        self.connections = 0
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> str:
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            self.connections += 1
-            try:
-                await self._serve(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
-
-        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-
-@pytest.fixture
-async def raw_server():
-    servers: list[RawServer] = []
-
-    async def _make(serve) -> tuple[RawServer, str]:
-        server = RawServer(serve)
-        servers.append(server)
-        return server, await server.start()
-
-    yield _make
-    for server in servers:
-        await server.stop()
 
 
 @pytest.fixture
@@ -155,7 +105,10 @@ async def test_token_endpoint_down_and_slow(
 
     slow_url = await handler_upstream(stall)
     slow = await make_proxy(**{"oauth.token_url": slow_url + "/t", "upstream.read_timeout": 0.2})
-    for proxy, phrase in [(down, "unreachable: Connection refused"), (slow, "timed out")]:
+    down_phrase = (
+        f"token endpoint http://127.0.0.1:{unused_tcp_port}/t unreachable: Connection refused"
+    )
+    for proxy, phrase in [(down, down_phrase), (slow, "timed out")]:
 
         async def fault(proxy=proxy, phrase=phrase) -> None:
             clock.advance(1000)
@@ -183,12 +136,6 @@ async def test_token_requests_stay_bounded_while_the_endpoint_fails(sim, clock, 
     assert 9 <= sim.token_requests <= 18
 
 
-async def get_status(client, url: str) -> int:
-    async with client.get(url) as resp:
-        await resp.read()
-        return resp.status
-
-
 # -- the upstream ------------------------------------------------------------------------------
 
 
@@ -198,13 +145,17 @@ async def test_upstream_refusing_connections(proxy_before, unused_tcp_port, clie
     async def fault() -> None:
         async with client.get(proxy.url + "/v4/apikey/") as resp:
             got = await md_error(resp)
-        assert got[:2] == (502, 502001)
-        assert "cannot connect to upstream 127.0.0.1" in got[2]
+        assert got == (
+            502,
+            502001,
+            f"mdcloud-proxy: cannot connect to upstream 127.0.0.1:{unused_tcp_port}: "
+            "Connection refused",
+        )
 
     await assert_no_leak_over_repeats(fault, healthy(proxy))
 
 
-async def test_upstream_resetting_mid_upload(proxy_before, raw_server, client, healthy):
+async def test_upstream_resetting_mid_upload(proxy_before, raw_upstream, client, healthy):
     async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         await reader.readexactly(64 * 1024)
@@ -212,7 +163,7 @@ async def test_upstream_resetting_mid_upload(proxy_before, raw_server, client, h
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()  # RST, not FIN
 
-    server, url = await raw_server(reset)
+    server, url = await raw_upstream(reset)
     proxy = await proxy_before(url, **{"replay.memory_limit": 1024})
     data = os.urandom(2 * 1024 * 1024)
 
@@ -225,12 +176,9 @@ async def test_upstream_resetting_mid_upload(proxy_before, raw_server, client, h
     assert server.connections == 2 * (REPEAT + 1), "each upload was tried twice, no more"
 
 
-async def test_upstream_stalling_past_read_timeout(proxy_before, raw_server, client, healthy):
-    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        await reader.read()  # say nothing until the proxy gives up and hangs up
-
-    _, url = await raw_server(stall)
+async def test_upstream_stalling_past_read_timeout(proxy_before, raw_upstream, client, healthy):
+    # Say nothing until the proxy gives up and hangs up.
+    _, url = await raw_upstream(b"", close=False)
     proxy = await proxy_before(url, **{"upstream.read_timeout": 0.2})
 
     async def fault() -> None:
@@ -254,14 +202,9 @@ async def test_upstream_stalling_past_read_timeout(proxy_before, raw_server, cli
     ids=["cl-and-te", "no-status-code", "garbage", "nul-in-header", "nothing"],
 )
 async def test_malformed_upstream_answers_are_a_502(
-    proxy_before, raw_server, client, healthy, answer
+    proxy_before, raw_upstream, client, healthy, answer
 ):
-    async def answer_with(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answer)
-        await writer.drain()
-
-    _, url = await raw_server(answer_with)
+    _, url = await raw_upstream(answer)
     proxy = await proxy_before(url)
 
     async def fault() -> None:
@@ -282,14 +225,9 @@ async def test_malformed_upstream_answers_are_a_502(
     ids=["100-KiB-of-headers", "one-100-KiB-header"],
 )
 async def test_answer_headers_too_large_are_a_502_that_says_so(
-    proxy_before, raw_server, client, healthy, head, what
+    proxy_before, raw_upstream, client, healthy, head, what
 ):
-    async def answer_with(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: 2\r\n\r\n{}")
-        await writer.drain()
-
-    _, url = await raw_server(answer_with)
+    _, url = await raw_upstream(b"HTTP/1.1 200 OK\r\n" + head + b"Content-Length: 2\r\n\r\n{}")
     proxy = await proxy_before(url)
 
     async def fault() -> None:
@@ -302,15 +240,18 @@ async def test_answer_headers_too_large_are_a_502_that_says_so(
     await assert_no_leak_over_repeats(fault, healthy(proxy))
 
 
-async def test_upstream_closing_mid_answer_aborts_the_caller(
-    proxy_before, raw_server, client, healthy
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_upstream_closing_mid_answer_is_never_a_complete_200(
+    proxy_before, raw_upstream, client, healthy, answer
 ):
-    async def truncate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000)
-        await writer.drain()
-
-    _, url = await raw_server(truncate)
+    _, url = await raw_upstream(answer)  # and then it closes
     proxy = await proxy_before(url)
 
     async def fault() -> None:
@@ -322,7 +263,7 @@ async def test_upstream_closing_mid_answer_aborts_the_caller(
     await assert_no_leak_over_repeats(fault, healthy(proxy))
 
 
-async def test_upstream_closing_a_kept_alive_connection(proxy_before, raw_server, client):
+async def test_upstream_closing_a_kept_alive_connection(proxy_before, raw_upstream, client):
     """A server may close an idle connection just as the next request arrives on it; a
     request without a body is then sent again on a new connection (RFC 9112 9.3.1)."""
 
@@ -334,7 +275,7 @@ async def test_upstream_closing_a_kept_alive_connection(proxy_before, raw_server
         await writer.drain()
         await reader.readuntil(b"\r\n\r\n")  # the next request: hang up without answering
 
-    server, url = await raw_server(one_answer_per_connection)
+    server, url = await raw_upstream(one_answer_per_connection)
     proxy = await proxy_before(url)
     for _ in range(5):
         async with client.get(proxy.url + "/v4/apikey/") as resp:

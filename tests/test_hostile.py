@@ -13,7 +13,7 @@ import os
 import aiohttp.http_parser
 import pytest
 
-from .conftest import raw_exchange
+from .conftest import api_requests, raw_exchange
 
 pytestmark = pytest.mark.security
 
@@ -64,10 +64,6 @@ MALFORMED = {
     "bad version": b"GET /v4/apikey/ HTTP/1.x\r\nHost: x\r\n\r\n",
     "bad method": b"G(T /v4/apikey/ HTTP/1.1\r\nHost: x\r\n\r\n",
 }
-
-
-def api_requests(sim):
-    return [r for r in sim.requests if r.raw_path != "/v4/oauth2/token"]
 
 
 def test_the_parser_under_test():

@@ -6,18 +6,12 @@ import base64
 
 import pytest
 
-from .conftest import raw_exchange
-from .test_ops import scrape
+from .conftest import api_requests, raw_exchange, scrape
 
 pytestmark = pytest.mark.security
 
 KEY = "inbound-key-0123456789"
 OTHER_KEY = "other-inbound-key-0123456789"
-TOKEN_PATH = "/v4/oauth2/token"
-
-
-def api_requests(sim):
-    return [r for r in sim.requests if r.raw_path != TOKEN_PATH]
 
 
 def basic(password: str, user: str = "anything") -> str:

@@ -15,7 +15,10 @@ GET = b"GET /v4/apikey/ HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 async def read_all(reader: asyncio.StreamReader, within: float) -> tuple[bytes, bool]:
-    """Everything the server sends until it closes; whether it closed within ``within`` s."""
+    """Everything the server sends until it closes; whether it closed within ``within`` s.
+
+    A reset counts as closed: after our write to a socket the server has closed, the reader
+    holds the broken pipe (or reset) and raises it instead of reporting the end."""
     data = b""
     try:
         async with asyncio.timeout(within):
@@ -23,6 +26,8 @@ async def read_all(reader: asyncio.StreamReader, within: float) -> tuple[bytes, 
                 data += chunk
     except TimeoutError:
         return data, False
+    except ConnectionError:
+        pass
     return data, True
 
 

@@ -8,24 +8,20 @@ import logging
 import time
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import Simulator, create_app, load_config, serve
+from proxy import Simulator, create_app, serve
 from proxy.app import TRAFFIC, create_admin_app, drain
 from proxy.logs import JsonFormatter
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, eventually, random_payload
-
-TOKEN_PATH = "/v4/oauth2/token"
-
-
-def config_for(upstream):
-    overrides = {
-        "upstream.url": upstream,
-        "oauth.client_id": CLIENT_ID,
-        "oauth.client_secret": CLIENT_SECRET,
-    }
-    return load_config(environ={}, overrides=overrides)
+from .conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    TOKEN_PATH,
+    eventually,
+    proxy_config,
+    random_payload,
+    scrape,
+)
 
 
 async def get_json(client, url):
@@ -40,19 +36,6 @@ async def wait_ready(client, base, timeout=10.0):
             if status == 200:
                 return body
             await asyncio.sleep(0.05)
-
-
-async def scrape(client, url) -> dict[tuple[str, tuple], float]:
-    """The samples of a metrics page as {(name, sorted labels): value}."""
-    async with client.get(url) as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("text/plain; version=")
-        text = await resp.text()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 async def test_healthy_and_ready_once_a_token_is_held(sim, proxy, client):
@@ -102,7 +85,7 @@ async def test_idle_proxy_keeps_its_token_fresh(start, client):
     # Real clock, 2 s tokens: the token is refreshed ahead of expiry with no request at all.
     sim = Simulator(CLIENT_ID, CLIENT_SECRET, token_lifetime=2)
     sim_url = f"http://127.0.0.1:{await start(sim.app())}"
-    base = f"http://127.0.0.1:{await start(create_app(config_for(sim_url)))}"
+    base = f"http://127.0.0.1:{await start(create_app(proxy_config(sim_url)))}"
     await wait_ready(client, base)
     await asyncio.sleep(3.5)
     assert 3 <= sim.token_requests <= 4  # at about 0 s, 1 s, 2 s (and 3 s): half the lifetime
@@ -205,7 +188,7 @@ async def test_one_log_line_per_request(sim, proxy, client, caplog):
 
 
 async def test_drain_lets_an_upload_in_flight_finish(sim, upstream, clock, client):
-    runner = await serve(create_app(config_for(upstream), clock=clock), "127.0.0.1", 0)
+    runner = await serve(create_app(proxy_config(upstream), clock=clock), "127.0.0.1", 0)
     port = runner.addresses[0][1]
     data, digest = random_payload(4 * 1024 * 1024)
     halfway = asyncio.Event()
@@ -244,7 +227,7 @@ async def test_drain_lets_an_upload_in_flight_finish(sim, upstream, clock, clien
 
 
 async def test_drain_cuts_off_after_the_grace_period(upstream, clock, client):
-    runner = await serve(create_app(config_for(upstream), clock=clock), "127.0.0.1", 0)
+    runner = await serve(create_app(proxy_config(upstream), clock=clock), "127.0.0.1", 0)
     port = runner.addresses[0][1]
     stalled = asyncio.Event()
 

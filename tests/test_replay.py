@@ -7,14 +7,20 @@ import io
 import os
 import resource
 import signal
-import sys
 import tempfile
 
 import pytest
 from yarl import URL
 
-from .conftest import chunks, eventually, open_deleted_files, random_payload
-from .test_cli import ROOT, account_env, wait_for_line
+from .conftest import (
+    account_env,
+    chunks,
+    eventually,
+    open_deleted_files,
+    random_payload,
+    spawn,
+    wait_for_line,
+)
 
 MiB = 1024 * 1024
 
@@ -191,10 +197,13 @@ async def test_caller_hanging_up_mid_upload_cancels_upstream_and_cleans_up(sim, 
 
 
 @pytest.mark.parametrize(
-    "file_size_limit", [1 * MiB, 0], ids=["spill-file-fills-up", "no-spill-file-at-all"]
+    ("file_size_limit", "reason"),
+    # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG.
+    [(1 * MiB, "File too large"), (0, "No usable temporary directory found")],
+    ids=["spill-file-fills-up", "no-spill-file-at-all"],
 )
 async def test_a_spill_file_that_cannot_be_written_fails_only_the_replay(
-    sim, upstream, client, file_size_limit
+    sim, upstream, client, file_size_limit, reason
 ):
     """Only a replay needs the copy: with no room for it (here the proxy process may not
     write files past a size, as on a full disk; at 0 not even tempfile's probe file), a first
@@ -204,12 +213,7 @@ async def test_a_spill_file_that_cannot_be_written_fails_only_the_replay(
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
     env = {**account_env(upstream), "MDCLOUD_PROXY_REPLAY_MEMORY_LIMIT": "64KiB"}
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MDCLOUD")}
-    proxy = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "--port", "0", env={**clean, **env}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=limit_files,
-    )  # fmt: skip
+    proxy = await spawn("--port", "0", env=env, preexec_fn=limit_files)
     try:
         base = (await wait_for_line(proxy, r"listening on (http://127\.0\.0\.1:\d+)")).group(1)
         data, digest = random_payload(20 * MiB)
@@ -224,7 +228,7 @@ async def test_a_spill_file_that_cannot_be_written_fails_only_the_replay(
             body = await resp.json()
         assert body["error"]["code"] == 507001
         assert body["error"]["messages"][0].startswith(
-            "mdcloud-proxy: cannot keep a copy of the body for a replay: "
+            "mdcloud-proxy: cannot keep a copy of the body for a replay: " + reason
         )
         uploads = sum(r.raw_path == "/v4/file" for r in sim.requests)
         assert uploads == 2, "the replay is not sent: it could not send the whole body"
