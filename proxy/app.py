@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import time
@@ -20,7 +21,7 @@ from .config import Config
 from .errors import error_response
 from .forward import Forwarder
 from .inbound import InboundGuard
-from .listener import ENTRY, LISTEN_LIMITS, Entry, Limits, Runner
+from .listener import ENTRY, LISTEN_LIMITS, Entry, Limits, Runner, default_max_connections
 from .logs import HTTP_LOG
 from .observe import Metrics, Traffic, readiness
 from .pipeline import Pipeline
@@ -49,6 +50,13 @@ TRAFFIC = web.AppKey("traffic", Traffic)
 # Not '.*': routes match the decoded path, and '.' would not match an encoded newline (%0A).
 ANY_PATH = r"{tail:[\s\S]*}"
 
+# One token fetch at a time (single-flight), and the odd `check` beside it.
+TOKEN_CONNECTIONS = 2
+# Descriptors kept out of listen.max_connections' default: the process's own files, logs,
+# the admin listener, the token endpoint.
+RESERVED_FILES = 64
+ADMIN_CONNECTIONS = 64
+
 # aiohttp defaults that would change what the caller sent or asked for.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
@@ -58,14 +66,25 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=ca_file) if ca_file else True
 
 
-def client_session(config: Config, tls: ssl.SSLContext | bool) -> aiohttp.ClientSession:
-    """A client session that passes requests and answers on as they are."""
+def client_session(
+    config: Config, tls: ssl.SSLContext | bool, *, for_tokens: bool = False
+) -> aiohttp.ClientSession:
+    """A client session that passes requests and answers on as they are.
+
+    The token endpoint gets a session of its own (``for_tokens``), so that a pool full of
+    long transfers never makes a token fetch wait, and a bound on the whole exchange.
+    """
     return aiohttp.ClientSession(
         # Requests past the limit wait for a connection, instead of running out of descriptors.
-        connector=aiohttp.TCPConnector(ssl=tls, limit=config.upstream_max_connections),
-        # No total timeout: it would cut long uploads and downloads; bound each read instead.
+        connector=aiohttp.TCPConnector(
+            ssl=tls, limit=TOKEN_CONNECTIONS if for_tokens else config.upstream_max_connections
+        ),
+        # No total timeout for the API: it would cut long uploads and downloads; each read
+        # is bounded instead. A token answer is small: its whole exchange is bounded too.
         timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+            total=config.connect_timeout + config.read_timeout if for_tokens else None,
+            sock_connect=config.connect_timeout,
+            sock_read=config.read_timeout,
         ),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),  # one jar would mix the cookies of all callers
@@ -115,19 +134,23 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
 
     app = web.Application()
     app[METRICS], app[TRAFFIC] = metrics, traffic
+    # Each connection may also hold an upstream connection (up to the pool's limit) and a
+    # spill file: half of what is left after the pool and a reserve.
+    reserve = config.upstream_max_connections + RESERVED_FILES
     app[LISTEN_LIMITS] = Limits(
         header_timeout=config.header_timeout,
         body_timeout=config.body_timeout,
         idle_timeout=config.idle_timeout,
-        max_connections=config.max_connections,
+        max_connections=config.max_connections or default_max_connections(reserve),
         closed=lambda reason: metrics.connections_closed.labels(reason).inc(),
     )
     tls = ssl_context(config.ca_file)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         session = client_session(config, tls)
+        token_session = client_session(config, tls, for_tokens=True)
         credentials = ClientCredentials(
-            session, config.token_url, config.client_id, config.client_secret, tls, clock
+            token_session, config.token_url, config.client_id, config.client_secret, tls, clock
         )
         tokens = TokenCache(
             metrics.counting(credentials.fetch),
@@ -164,6 +187,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
             await keeper
         await tokens.close()
         await session.close()
+        await token_session.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.add_routes(_ops_routes(app, clock, metrics=config.admin_port is None))
@@ -175,6 +199,10 @@ def create_admin_app(
 ) -> web.Application:
     """A separate listener's app with the ``/-/`` endpoints of ``app``, metrics included."""
     admin = web.Application()
+    # The main listener's deadlines, and a cap of its own: probes and scrapes are few.
+    admin[LISTEN_LIMITS] = dataclasses.replace(
+        app[LISTEN_LIMITS], max_connections=ADMIN_CONNECTIONS
+    )
     admin.add_routes(_ops_routes(app, clock, metrics=True))
     return admin
 

@@ -109,7 +109,9 @@ class _SpillFile:
     async def _oldest_done(self) -> None:
         write, size = self._pending[0]
         try:
-            await write
+            # Shielded: cancelling the future would not stop a thread already writing, but
+            # would release its budget and let close() shut the file under it.
+            await asyncio.shield(write)
         except OSError as exc:
             raise _copy_failed(exc) from None
         finally:
@@ -238,6 +240,14 @@ class ReplayableBody:
         await self._capture(chunk)
         return chunk
 
+    async def settle_copy(self) -> None:
+        """Wait for the copy to be written; a failure makes the body not replayable."""
+        if self._file is not None and self.not_replayable is None:
+            try:
+                await self._file.settle()
+            except BodyError as exc:
+                self._drop_copy(exc)
+
     async def _settle(self) -> None:
         try:
             if self.not_replayable is not None:
@@ -265,10 +275,13 @@ class ReplayableBody:
                     self._file = _SpillFile(self._budget)
                 await self._file.write(chunk, offset)
             except BodyError as exc:
-                # Only a replay needs the copy; this attempt streams on without it, and
-                # nothing more is kept (not in memory either: memory stays bounded).
-                log.warning("%s; a replay of this request would fail", exc.message)
-                self.not_replayable = exc
-                if self._file is not None:
-                    self._file.close()
-                    self._file = None
+                self._drop_copy(exc)
+
+    def _drop_copy(self, exc: BodyError) -> None:
+        # Only a replay needs the copy; this attempt streams on without it, and nothing more
+        # is kept (not in memory either: memory stays bounded).
+        log.warning("%s; a replay of this request would fail", exc.message)
+        self.not_replayable = exc
+        if self._file is not None:
+            self._file.close()
+            self._file = None

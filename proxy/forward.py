@@ -303,8 +303,10 @@ class Forwarder:
         self._tokens.invalidate(token)
         outcome = "failed"
         try:
-            if body is not None and body.not_replayable is not None:
-                raise body.not_replayable  # the copy is not whole: sending it could not help
+            if body is not None:
+                await body.settle_copy()  # a write that failed unnoticed shows now
+                if body.not_replayable is not None:
+                    raise body.not_replayable  # the copy is not whole: sending it cannot help
             token = await self._tokens.get()
             resp = await self._send(request.method, url, headers, token, body)
             # A 401 to a fresh token is passed on: replaying again could not help.

@@ -40,6 +40,7 @@ __all__ = [
     "LISTEN_LIMITS",
     "Limits",
     "Runner",
+    "default_max_connections",
     "max_connections",
     "raise_descriptor_limit",
 ]
@@ -84,6 +85,7 @@ _BUSY = (
 )
 # A request head (up to its blank line) that asks for the connection to close and has no body.
 _HEAD_END = b"\r\n\r\n"
+_HEAD_LIMIT = 64 * 1024
 _CLOSE = re.compile(rb"\r\nconnection:[^\r\n]*\bclose\b", re.IGNORECASE)
 _FRAMED = re.compile(rb"\r\n(?:content-length|transfer-encoding)\s*:", re.IGNORECASE)
 
@@ -121,9 +123,12 @@ def max_connections(runner: web.BaseRunner) -> int:
     return server.max_connections if isinstance(server, _Server) else 0
 
 
-def _default_max_connections() -> int:
+def default_max_connections(reserved: int = 0) -> int:
+    """Half the open-file limit in force, after ``reserved`` descriptors are set aside."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return max(16, soft // 2) if soft != resource.RLIM_INFINITY else 1 << 19
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, (soft - reserved) // 2)
 
 
 class _Connection(RequestHandler):
@@ -141,8 +146,10 @@ class _Connection(RequestHandler):
         self._head_since: float | None = None  # first byte of an unfinished request head
         self._last_read = 0.0
         self._idle_since: float | None = None
-        self._unanswered = 0  # requests parsed and not yet answered
+        self._parsed = 0  # requests parsed so far (aiohttp's own count)
+        self._answered = 0
         self._body: StreamReader | None = None  # the latest request's body
+        self._partial_head = b""  # the start of a request head not yet seen whole
         self._closing = False  # a request asked to close: what follows it is ignored
         self._timer: asyncio.TimerHandle | None = None
 
@@ -185,43 +192,60 @@ class _Connection(RequestHandler):
                 self._head_since, self._idle_since = now, None
                 self._arm(now)
             data = self._cut_after_close(data)
-        count = self._request_count
         super().data_received(data)
-        if self._request_count != count:
-            self._unanswered += self._request_count - count
-            self._head_since = None
+        self._count_parsed(now)
+
+    def _count_parsed(self, now: float) -> None:
+        """Note the requests aiohttp parsed since the last call (in data_received, or from
+        what was pipelined behind a declined upgrade, in finish_response)."""
+        if self._request_count != self._parsed:
+            self._parsed = self._request_count
+            self._head_since, self._partial_head = None, b""
             self._body = self._messages[-1][1] if self._messages else None
             self._arm(now)
 
     def _cut_after_close(self, data: bytes) -> bytes:
         """``data`` up to the end of a bodiless request that asks to close the connection.
 
-        Both of aiohttp's parsers refuse the whole chunk, first request included, when bytes
-        follow such a request in it; the request is answered and the rest ignored instead.
+        Both of aiohttp's parsers refuse the whole chunk, the requests before included, when
+        bytes follow such a request in it; those are answered and the rest ignored instead.
+        Heads are followed across chunks until one announces a body, whose end only the
+        parser knows.
         """
-        end = data.find(_HEAD_END)
-        if end < 0 or end + len(_HEAD_END) == len(data):
-            return data
-        head = data[:end]
-        if _CLOSE.search(head) is None or _FRAMED.search(head) is not None:
-            return data
-        self._closing = True
-        return data[: end + len(_HEAD_END)]
+        seen = self._partial_head + data
+        start = 0
+        while (end := seen.find(_HEAD_END, start)) >= 0:
+            head = seen[start:end]
+            if _FRAMED.search(head) is not None:
+                self._partial_head = b""
+                return data
+            if _CLOSE.search(head) is not None:
+                self._closing, self._partial_head = True, b""
+                return data[: end + len(_HEAD_END) - (len(seen) - len(data))]
+            start = end + len(_HEAD_END)
+        # The parser refuses a head longer than a few lines of 8 KiB: so much is plenty.
+        self._partial_head = seen[start:][-_HEAD_LIMIT:]
+        return data
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
     ) -> tuple[web.StreamResponse, bool]:
-        if request.headers.get("Upgrade"):
-            # No upgrade is ever made; aiohttp's C parser drops what was pipelined behind
-            # one, so answer, then close instead of leaving the caller waiting.
-            resp.force_close()
+        # No upgrade is ever made (aiohttp's parsers take CONNECT for one too), and the C
+        # parser drops what was pipelined behind one: answer, then close at once (not after
+        # lingering to read a body that never ends), instead of leaving the caller waiting.
+        upgrade = request.method == "CONNECT" or "Upgrade" in request.headers
         try:
-            return await super().finish_response(request, resp, start_time)
+            answered = await super().finish_response(request, resp, start_time)
+            if upgrade:
+                self.force_close()
+            return answered
         finally:
-            self._unanswered -= 1
-            if self._unanswered == 0 and self._head_since is None:
-                self._idle_since = self._loop.time()
-                self._arm(self._idle_since)
+            self._answered += 1
+            now = self._loop.time()
+            self._count_parsed(now)
+            if self._answered == self._parsed and self._head_since is None:
+                self._idle_since = now
+                self._arm(now)
 
     def handle_error(
         self,
@@ -330,7 +354,7 @@ class _Server(web.Server):
             **kwargs,
         )
         self.limits = limits
-        self.max_connections = limits.max_connections or _default_max_connections()
+        self.max_connections = limits.max_connections or default_max_connections()
         self.open = 0
         self.warn = Throttled(HTTP_LOG, logging.WARNING)  # one line per condition and 5 s
 
@@ -341,17 +365,13 @@ class _Server(web.Server):
 class Runner(web.AppRunner):
     """``web.AppRunner`` whose connections keep the app's ``LISTEN_LIMITS``."""
 
-    def __init__(self, app: web.Application, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self._handler_kwargs = kwargs
-
     async def _make_server(self) -> web.Server:
         inner = await super()._make_server()
         limits = self.app.get(LISTEN_LIMITS) or Limits()
-        # What the app's own server passes to each connection; the rest are the runner's and
-        # the server's own settings.
-        own = ("handler_cancellation", "shutdown_timeout", "handle_signals")
-        kwargs = {k: v for k, v in self._handler_kwargs.items() if k not in own}
+        # What aiohttp's own server would pass to each connection (the app's handler_args
+        # included); it keeps them in a private attribute: without them, the test of opaque
+        # bodies in tests/test_forward.py fails (auto_decompress=False is one of them).
+        kwargs = dict(inner._kwargs)
         # The connection's own idle deadline decides; aiohttp's is only a backstop.
         idle = limits.idle_timeout or 3600.0
         kwargs["keepalive_timeout"] = idle + max(limits.header_timeout, 1.0)

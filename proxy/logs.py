@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +46,9 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
 
 
+_MAX_KEYS = 1000
+
+
 class Throttled:
     """Logs one condition at most once per ``interval`` seconds, whatever the rate it recurs at.
 
@@ -62,18 +66,24 @@ class Throttled:
         self._logger, self._level, self._interval, self._clock = logger, level, interval, clock
         self._seen: dict[str, tuple[float, int]] = {}
 
-    def __call__(self, key: str, message: str, *args: object) -> None:
-        """Log ``message % args`` unless ``key`` was logged less than ``interval`` ago."""
+    def __call__(
+        self, key: str, message: str, *args: object, exc_info: BaseException | None = None
+    ) -> None:
+        """Log ``message % args`` unless ``key`` was logged less than ``interval`` ago;
+        ``exc_info``'s traceback only the first time ``key`` is logged."""
         now = self._clock()
+        first = key not in self._seen
         last, skipped = self._seen.get(key, (float("-inf"), 0))
         if now - last < self._interval:
             self._seen[key] = (last, skipped + 1)
             return
+        if first and len(self._seen) >= _MAX_KEYS:
+            self._seen.clear()  # keys are conditions, few; this only bounds a bad key's cost
         self._seen[key] = (now, 0)
         if skipped:
             message += " (%d more like it in the last %.0f s)"
             args = (*args, skipped, now - last)
-        self._logger.log(self._level, message, *args)
+        self._logger.log(self._level, message, *args, exc_info=exc_info if first else None)
 
 
 def throttle_loop_errors(loop: asyncio.AbstractEventLoop, interval: float = 5.0) -> None:
@@ -83,8 +93,11 @@ def throttle_loop_errors(loop: asyncio.AbstractEventLoop, interval: float = 5.0)
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
-        reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
-        throttled(str(context.get("message")), "%s%s", context.get("message"), reason)
+        message = str(context.get("message"))
+        # Messages can hold reprs with addresses ("Exception in callback f(<X at 0x7f..>)"):
+        # the condition is the message up to its first detail, and the exception's type.
+        key = re.split(r"[(<:]", message, maxsplit=1)[0][:80] + type(exc).__name__
+        throttled(key, "%s", message, exc_info=exc)
 
     loop.set_exception_handler(handler)
 

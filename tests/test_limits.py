@@ -8,6 +8,7 @@ import time
 import pytest
 
 from proxy.app import METRICS
+from proxy.logs import throttle_loop_errors
 
 from .conftest import API_KEY
 
@@ -147,6 +148,44 @@ async def test_connection_close_then_more_bytes_answers_the_first(make_proxy, si
     assert [r.raw_path for r in sim.requests if r.raw_path != "/v4/oauth2/token"] == ["/v4/apikey/"]
 
 
+CLOSE_GET = b"GET /v4/apikey/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.security
+@pytest.mark.parametrize(
+    "writes",
+    [
+        [GET + CLOSE_GET + GET],  # the close request second in one write
+        [CLOSE_GET[:40], CLOSE_GET[40:] + GET],  # its head split across two writes
+    ],
+    ids=["second-in-a-pipeline", "head-split-across-writes"],
+)
+async def test_requests_up_to_a_close_are_answered(make_proxy, writes):
+    proxy = await make_proxy()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    for data in writes:
+        writer.write(data)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+    data, closed = await read_all(reader, 5.0)
+    writer.close()
+    assert closed
+    answered = 2 if len(writes) == 1 else 1  # up to and with the close request
+    assert data.count(b"HTTP/1.1 ") == data.count(b"HTTP/1.1 200 OK") == answered
+
+
+@pytest.mark.security
+async def test_connect_then_more_is_answered_and_closed(make_proxy):
+    proxy = await make_proxy()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n" + GET)
+    started = time.monotonic()
+    data, closed = await read_all(reader, 5.0)
+    writer.close()
+    assert closed and time.monotonic() - started < 2
+    assert data.startswith(b"HTTP/1.1 405")
+
+
 @pytest.mark.security
 async def test_an_upgrade_is_answered_then_the_connection_closes(make_proxy):
     proxy = await make_proxy()
@@ -177,3 +216,27 @@ async def test_malformed_requests_get_an_error_that_quotes_nothing(make_proxy, n
     assert b"application/json" in head
     assert body.startswith(b'{"error": {"code": 400005, "messages": ["mdcloud-proxy: malformed')
     assert b"secret" not in body and API_KEY.encode() not in body and b"\\x" not in body
+
+
+async def test_loop_errors_are_logged_once_per_interval(caplog):
+    """asyncio reports e.g. every failed accept() while descriptors run out; reprs with
+    addresses in its messages must not make each one a new condition."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    throttle_loop_errors(loop)
+
+    class Thing:
+        pass
+
+    def boom(_thing: Thing) -> None:
+        raise RuntimeError("boom")
+
+    try:
+        for _ in range(1000):
+            loop.call_soon(boom, Thing())
+        await asyncio.sleep(0.05)
+    finally:
+        loop.set_exception_handler(previous)
+    logged = [r for r in caplog.records if r.name == "mdcloud_proxy.loop"]
+    assert len(logged) == 1
+    assert logged[0].exc_info is not None  # the first one says where

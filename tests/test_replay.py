@@ -197,17 +197,22 @@ async def test_caller_hanging_up_mid_upload_cancels_upstream_and_cleans_up(sim, 
 
 
 @pytest.mark.parametrize(
-    ("file_size_limit", "reason"),
+    ("file_size_limit", "size", "reason"),
     # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG.
-    [(1 * MiB, "File too large"), (0, "No usable temporary directory found")],
-    ids=["spill-file-fills-up", "no-spill-file-at-all"],
+    [
+        (1 * MiB, 20 * MiB, "File too large"),
+        (1 * MiB, 3 * MiB, "File too large"),
+        (0, 20 * MiB, "No usable temporary directory found"),
+    ],
+    ids=["spill-file-fills-up", "unnoticed-until-the-replay", "no-spill-file-at-all"],
 )
 async def test_a_spill_file_that_cannot_be_written_fails_only_the_replay(
-    sim, upstream, client, file_size_limit, reason
+    sim, upstream, client, file_size_limit, size, reason
 ):
     """Only a replay needs the copy: with no room for it (here the proxy process may not
     write files past a size, as on a full disk; at 0 not even tempfile's probe file), a first
-    attempt streams on and arrives whole. 20 MiB: more than the writes that may be queued."""
+    attempt streams on and arrives whole. 20 MiB: more than the writes that may be queued;
+    3 MiB: few enough that no write was waited for before the replay."""
 
     def limit_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
@@ -216,7 +221,7 @@ async def test_a_spill_file_that_cannot_be_written_fails_only_the_replay(
     proxy = await spawn("--port", "0", env=env, preexec_fn=limit_files)
     try:
         base = (await wait_for_line(proxy, r"listening on (http://127\.0\.0\.1:\d+)")).group(1)
-        data, digest = random_payload(20 * MiB)
+        data, digest = random_payload(size)
         async with client.post(base + "/v4/file", data=chunks(data)) as resp:
             assert resp.status == 200, await resp.text()
         assert sim.requests[-1].body_sha256 == digest
