@@ -49,7 +49,8 @@ class TokenError(ProxyError):
 
     ``permanent`` is true for a configuration problem that retrying cannot fix (rejected
     credentials, a certificate that cannot be verified). ``retry_after`` (seconds) is set when
-    the caller should wait.
+    the caller should wait. ``error_code`` and ``error_description`` are the RFC 6749 5.2
+    ``error`` and ``error_description`` of the endpoint's refusal, when it sent them.
     """
 
     status = 503
@@ -62,10 +63,14 @@ class TokenError(ProxyError):
         status: int = 503,
         permanent: bool = False,
         retry_after: float | None = None,
+        error_code: str | None = None,
+        error_description: str | None = None,
     ):
         super().__init__(message, status=status, code=status * 1000 + 10)
         self.permanent = permanent
         self.retry_after = retry_after
+        self.error_code = error_code
+        self.error_description = error_description
 
 
 class BodyError(ProxyError):

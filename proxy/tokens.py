@@ -85,7 +85,12 @@ def _lifetime(expires_in: object) -> float:
 
 def _again(error: TokenError, *, retry_after: float) -> TokenError:
     return TokenError(
-        error.message, status=error.status, permanent=error.permanent, retry_after=retry_after
+        error.message,
+        status=error.status,
+        permanent=error.permanent,
+        retry_after=retry_after,
+        error_code=error.error_code,
+        error_description=error.error_description,
     )
 
 
@@ -101,24 +106,30 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return min(max(0.0, seconds), MAX_BACKOFF)
 
 
-def _describe_refusal(body: bytes) -> str:
-    """The reason a token endpoint gave, from an RFC 6749 or MetaDefender error body."""
+def _refusal(body: bytes) -> tuple[str | None, str | None, str]:
+    """What a token endpoint said in an error body: RFC 6749 5.2 or MetaDefender's shape.
+
+    Returns the RFC 6749 ``error`` code and ``error_description`` (None where absent), and
+    the reason to quote after the status in a message (``": ..."`` or empty).
+    """
     try:
         data = json.loads(body)
     except ValueError:
-        return ""
+        data = None
     if not isinstance(data, dict):
-        return ""
+        return None, None, ""
+    error, description = data.get("error"), data.get("error_description")
     parts: list[str] = []
-    if isinstance(data.get("error"), str):
-        parts.append(data["error"])
-        if isinstance(data.get("error_description"), str):
-            parts.append(data["error_description"])
-    elif isinstance(data.get("error"), dict):
-        messages = data["error"].get("messages")
-        if isinstance(messages, list):
-            parts.extend(str(m) for m in messages)
-    return ": " + "; ".join(parts)[:200] if parts else ""
+    if isinstance(error, str):
+        parts.append(error)
+        if isinstance(description, str):
+            parts.append(description)
+    elif isinstance(error, dict) and isinstance(error.get("messages"), list):
+        parts.extend(str(m) for m in error["messages"])
+    reason = ": " + "; ".join(parts)[:200] if parts else ""
+    if not isinstance(error, str):
+        return None, None, reason
+    return error, description if isinstance(description, str) else None, reason
 
 
 @dataclass(frozen=True)
@@ -174,14 +185,17 @@ class ClientCredentials:
                 f"token endpoint {self.token_url} unreachable: {describe(exc)}"
             ) from None
 
-        if status == 429 or status >= 500:
-            raise TokenError(
-                f"token endpoint answered HTTP {status}{_describe_refusal(body)}",
-                retry_after=_retry_after(headers),
-            )
         if status != 200:
-            reason = _describe_refusal(body)
-            if status == 401 or "invalid_client" in reason:
+            error_code, description, reason = _refusal(body)
+            if status == 429 or status >= 500:
+                raise TokenError(
+                    f"token endpoint answered HTTP {status}{reason}",
+                    retry_after=_retry_after(headers),
+                    error_code=error_code,
+                    error_description=description,
+                )
+            # RFC 6749 5.2: a failed client authentication is invalid_client, or a 401.
+            if status == 401 or error_code == "invalid_client":
                 problem = "rejected the client credentials"
                 fix = "oauth.client_id and oauth.client_secret"
             else:
@@ -191,6 +205,8 @@ class ClientCredentials:
                 f"token endpoint {problem} (HTTP {status}{reason}); check {fix}",
                 status=502,
                 permanent=True,
+                error_code=error_code,
+                error_description=description,
             )
         if len(body) > MAX_ANSWER_BYTES:
             raise TokenError(
