@@ -354,6 +354,54 @@ def cache_for(
     return TokenCache(credentials.fetch, identity="test", clock=clock, sleep=clock.sleep, **kwargs)
 
 
+@pytest.fixture
+async def scripted_endpoint(handler_upstream) -> Callable[..., Awaitable[str]]:
+    """A token endpoint giving tok-1, tok-2, ... valid for ``lifetime`` s; 503 after ``count``."""
+
+    async def _make(lifetime: float, count: int) -> str:
+        issued = 0
+
+        async def endpoint(_request: web.Request) -> web.Response:
+            nonlocal issued
+            if issued == count:
+                return web.Response(status=503, text="maintenance")
+            issued += 1
+            return web.json_response({"access_token": f"tok-{issued}", "expires_in": lifetime})
+
+        return await handler_upstream(endpoint) + "/token"
+
+    return _make
+
+
+async def test_a_token_is_served_until_it_expires_and_never_after(scripted_endpoint, client):
+    clock = SimTime()
+    tokens = cache_for(client, await scripted_endpoint(100, 1), clock, attempts=1)
+    first = await tokens.get()
+    clock.now = first.expires_at - 0.001  # stale: served, and its refresh fails
+    assert await tokens.get() is first
+    await eventually(lambda: tokens.error is not None)
+    assert tokens.current is first
+    clock.now = first.expires_at
+    assert tokens.current is None
+    with pytest.raises(TokenError):
+        await tokens.get()
+
+
+async def test_invalidate_drops_a_token_only_while_it_is_current(scripted_endpoint, client):
+    clock = SimTime()
+    tokens = cache_for(client, await scripted_endpoint(3600, 2), clock)
+    first = await tokens.get()
+    tokens.invalidate(first)
+    assert tokens.current is None
+    asked = clock.now
+    second = await tokens.get()
+    assert second.access_token == "tok-2"
+    assert clock.now == asked, "a refused token is replaced at once, without the fetch interval"
+    tokens.invalidate(first)  # a caller still holding the old one
+    assert tokens.current is second
+    assert await tokens.get() is second
+
+
 @pytest.mark.parametrize("expires_in", ["0.01", "0.3", "1e-9"])
 async def test_short_lived_tokens_are_fetched_at_most_once_a_second(
     lifetime_endpoint, client, caplog, expires_in
