@@ -83,7 +83,7 @@ class Simulator:
     clock: Callable[[], float] = time.monotonic
     token_requests: int = 0
     max_requests: int = 10_000
-    requests: list[SeenRequest] = field(default_factory=list)
+    requests: list[SeenRequest] = field(default_factory=list, repr=False)
     seen_requests: int = 0  # all of them, kept or not: what the rate-limit headers count
     issued_tokens: list[str] = field(default_factory=list, repr=False)
     expired_tokens: set[str] = field(default_factory=set, repr=False)  # answered with 401009
