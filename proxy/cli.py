@@ -19,7 +19,7 @@ from . import __version__
 from .app import create_admin_app, create_app, drain, serve
 from .check import check, print_token
 from .config import CONFIG_ENV, KEYS, Config, load_config, token_url_for
-from .errors import ConfigError, describe
+from .errors import ConfigError, ListenError, describe
 from .listener import max_connections, raise_descriptor_limit
 from .logs import setup_logging, throttle_loop_errors
 from .simulator import Simulator
@@ -28,10 +28,6 @@ from .workers import run_workers
 __all__ = ["main"]
 
 log = logging.getLogger("mdcloud_proxy")
-
-
-class ListenError(Exception):
-    """A listening socket could not be opened; the message says which and why."""
 
 
 DEMO_CLIENT_ID = "demo-client"

@@ -1,11 +1,22 @@
 """Exceptions of the proxy and the MetaDefender-shaped JSON error answer.
 
-Exception tree::
+Exception tree, with the HTTP status and MetaDefender-style code of each answer::
 
-    ProxyError                  any failure the proxy explains to its caller
-    ├── ConfigError             bad configuration; the message names the key and the problem
-    ├── TokenError              no bearer token could be obtained (status 502 or 503)
-    └── BodyError               the caller's request body could not be taken (413 or 400)
+    Exception
+    ├── ProxyError          a failure the proxy explains to its caller as JSON (500 500000);
+    │   │                   raised as itself when the upstream fails (502 5020xx, 504 504001)
+    │   │                   or a header cannot be passed on unaltered (400 400004, 502 502005)
+    │   ├── ConfigError     bad configuration, the message names the key; found before the
+    │   │                   proxy listens, so never an answer: the command exits with 2
+    │   ├── TokenError      no bearer token could be had: 503 503010 when the token endpoint
+    │   │                   is out of reach (unreachable, timed out, broke off, 429, 5xx),
+    │   │                   502 502010 when it gave nothing usable (credentials rejected,
+    │   │                   request refused, TLS failed, an answer that is no token)
+    │   └── BodyError       the caller's request body could not be taken: 400 400001 (it broke
+    │                       off), 413 413001 (over limits.max_body_size), 507 507001 (no copy
+    │                       could be kept for a replay: the temporary directory)
+    └── ListenError         a listening socket could not be opened; no caller to answer yet:
+                            the command exits with 1
 
 No message ever contains a secret: not the client secret, the api key, nor a token.
 """
@@ -18,7 +29,15 @@ import ssl
 import aiohttp
 from aiohttp import web
 
-__all__ = ["BodyError", "ConfigError", "ProxyError", "TokenError", "describe", "error_response"]
+__all__ = [
+    "BodyError",
+    "ConfigError",
+    "ListenError",
+    "ProxyError",
+    "TokenError",
+    "describe",
+    "error_response",
+]
 
 
 class ProxyError(Exception):
@@ -50,7 +69,8 @@ class TokenError(ProxyError):
 
     ``permanent`` is true for a configuration problem that retrying cannot fix (rejected
     credentials, a certificate that cannot be verified). ``retry_after`` (seconds) is set when
-    the caller should wait.
+    the caller should wait. ``error_code`` and ``error_description`` are the RFC 6749 5.2
+    ``error`` and ``error_description`` of the endpoint's refusal, when it sent them.
     """
 
     status = 503
@@ -63,10 +83,14 @@ class TokenError(ProxyError):
         status: int = 503,
         permanent: bool = False,
         retry_after: float | None = None,
+        error_code: str | None = None,
+        error_description: str | None = None,
     ):
         super().__init__(message, status=status, code=status * 1000 + 10)
         self.permanent = permanent
         self.retry_after = retry_after
+        self.error_code = error_code
+        self.error_description = error_description
 
 
 class BodyError(ProxyError):
@@ -74,6 +98,13 @@ class BodyError(ProxyError):
 
     status = 400
     code = 400001
+
+
+class ListenError(Exception):
+    """A listening socket could not be opened; the message says which and why.
+
+    Not a ProxyError: it happens before there is any caller to answer.
+    """
 
 
 def describe(exc: BaseException) -> str:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from ssl import SSLContext
 
 import aiohttp
-from cachetools import TLRUCache
 
 from .errors import TokenError, describe
 
@@ -85,7 +84,12 @@ def _lifetime(expires_in: object) -> float:
 
 def _again(error: TokenError, *, retry_after: float) -> TokenError:
     return TokenError(
-        error.message, status=error.status, permanent=error.permanent, retry_after=retry_after
+        error.message,
+        status=error.status,
+        permanent=error.permanent,
+        retry_after=retry_after,
+        error_code=error.error_code,
+        error_description=error.error_description,
     )
 
 
@@ -101,24 +105,30 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return min(max(0.0, seconds), MAX_BACKOFF)
 
 
-def _describe_refusal(body: bytes) -> str:
-    """The reason a token endpoint gave, from an RFC 6749 or MetaDefender error body."""
+def _refusal(body: bytes) -> tuple[str | None, str | None, str]:
+    """What a token endpoint said in an error body: RFC 6749 5.2 or MetaDefender's shape.
+
+    Returns the RFC 6749 ``error`` code and ``error_description`` (None where absent), and
+    the reason to quote after the status in a message (``": ..."`` or empty).
+    """
     try:
         data = json.loads(body)
     except ValueError:
-        return ""
+        data = None
     if not isinstance(data, dict):
-        return ""
+        return None, None, ""
+    error, description = data.get("error"), data.get("error_description")
     parts: list[str] = []
-    if isinstance(data.get("error"), str):
-        parts.append(data["error"])
-        if isinstance(data.get("error_description"), str):
-            parts.append(data["error_description"])
-    elif isinstance(data.get("error"), dict):
-        messages = data["error"].get("messages")
-        if isinstance(messages, list):
-            parts.extend(str(m) for m in messages)
-    return ": " + "; ".join(parts)[:200] if parts else ""
+    if isinstance(error, str):
+        parts.append(error)
+        if isinstance(description, str):
+            parts.append(description)
+    elif isinstance(error, dict) and isinstance(error.get("messages"), list):
+        parts.extend(str(m) for m in error["messages"])
+    reason = ": " + "; ".join(parts)[:200] if parts else ""
+    if not isinstance(error, str):
+        return None, None, reason
+    return error, description if isinstance(description, str) else None, reason
 
 
 @dataclass(frozen=True)
@@ -174,14 +184,17 @@ class ClientCredentials:
                 f"token endpoint {self.token_url} unreachable: {describe(exc)}"
             ) from None
 
-        if status == 429 or status >= 500:
-            raise TokenError(
-                f"token endpoint answered HTTP {status}{_describe_refusal(body)}",
-                retry_after=_retry_after(headers),
-            )
         if status != 200:
-            reason = _describe_refusal(body)
-            if status == 401 or "invalid_client" in reason:
+            error_code, description, reason = _refusal(body)
+            if status == 429 or status >= 500:
+                raise TokenError(
+                    f"token endpoint answered HTTP {status}{reason}",
+                    retry_after=_retry_after(headers),
+                    error_code=error_code,
+                    error_description=description,
+                )
+            # RFC 6749 5.2: a failed client authentication is invalid_client, or a 401.
+            if status == 401 or error_code == "invalid_client":
                 problem = "rejected the client credentials"
                 fix = "oauth.client_id and oauth.client_secret"
             else:
@@ -191,6 +204,8 @@ class ClientCredentials:
                 f"token endpoint {problem} (HTTP {status}{reason}); check {fix}",
                 status=502,
                 permanent=True,
+                error_code=error_code,
+                error_description=description,
             )
         if len(body) > MAX_ANSWER_BYTES:
             raise TokenError(
@@ -251,7 +266,7 @@ class TokenCache:
         sleep: Sleep = asyncio.sleep,
     ):
         self._fetch = fetch
-        self._key = identity
+        self._identity = identity
         self._margin = refresh_margin
         self._clock = clock
         self._attempts = attempts
@@ -261,27 +276,24 @@ class TokenCache:
         self._sleep = sleep
         self._asked_at = float("-inf")  # when the token endpoint was last asked
         self._short_lived = False  # the latest token lives less than min_fetch_interval
-        # The cache drops a token the moment it expires, so an expired one is never served.
-        self._cache: TLRUCache[Hashable, Token] = TLRUCache(
-            maxsize=4, ttu=lambda _key, token, _now: token.expires_at, timer=clock
-        )
+        # One token, not a cache: plain attributes. A cachetools TLRUCache lookup made get()
+        # ten times slower (about 2.4 us instead of 0.2 us for a fresh token), for nothing.
+        self._token: Token | None = None
+        self._stale_at = float("-inf")  # when _token enters the refresh margin
         self._inflight: asyncio.Task[Token] | None = None
         self._failures = 0
         self._error: TokenError | None = None
         self._next_attempt = float("-inf")
         self.failing_since: float | None = None  # wall-clock time of the first failure in a row
-        # The current token while it needs no refresh: the hot path's answer, with no cache
-        # lookup (the cache still decides expiry for everything else).
-        self._fresh: Token | None = None
-        self._fresh_until = float("-inf")
 
     def __repr__(self) -> str:
-        return f"TokenCache(identity={self._key!r}, failures={self._failures})"
+        return f"TokenCache(identity={self._identity!r}, failures={self._failures})"
 
     @property
     def current(self) -> Token | None:
-        """The token that would be served now, if any (no fetch)."""
-        return self._cache.get(self._key)
+        """The token that would be served now, if any (no fetch); None once it has expired."""
+        token = self._token
+        return token if token is not None and self._clock() < token.expires_at else None
 
     @property
     def error(self) -> TokenError | None:
@@ -314,11 +326,9 @@ class TokenCache:
     async def get(self) -> Token:
         """A token that is not known to be expired; raises TokenError if none can be had."""
         now = self._clock()
-        if self._fresh is not None and now < self._fresh_until:
-            return self._fresh
-        token = self.current
-        if token is not None:
-            if now >= self._refresh_at(token) and now >= self._next_attempt:
+        token = self._token
+        if token is not None and now < token.expires_at:
+            if now >= self._stale_at and now >= self._next_attempt:
                 self._start_fetch(background=True)
             return token
         task = self._inflight
@@ -334,8 +344,7 @@ class TokenCache:
     def invalidate(self, token: Token) -> None:
         """Forget ``token`` after the API refused it, unless a newer one already replaced it."""
         if self.current is token:
-            del self._cache[self._key]
-            self._fresh, self._fresh_until = None, float("-inf")
+            self._token, self._stale_at = None, float("-inf")
             # Its replacement is fetched at once: the interval between fetches guards against
             # what the token endpoint announces, and a replay should not wait for it.
             self._asked_at = float("-inf")
@@ -377,8 +386,7 @@ class TokenCache:
             raise
         finally:
             self._inflight = None
-        self._cache[self._key] = token
-        self._fresh, self._fresh_until = token, self._refresh_at(token)
+        self._token, self._stale_at = token, self._refresh_at(token)
         self._failures, self._error, self._next_attempt = 0, None, float("-inf")
         self.failing_since = None
         short_lived, self._short_lived = self._short_lived, token.lifetime < self._min_interval

@@ -354,6 +354,54 @@ def cache_for(
     return TokenCache(credentials.fetch, identity="test", clock=clock, sleep=clock.sleep, **kwargs)
 
 
+@pytest.fixture
+async def scripted_endpoint(handler_upstream) -> Callable[..., Awaitable[str]]:
+    """A token endpoint giving tok-1, tok-2, ... valid for ``lifetime`` s; 503 after ``count``."""
+
+    async def _make(lifetime: float, count: int) -> str:
+        issued = 0
+
+        async def endpoint(_request: web.Request) -> web.Response:
+            nonlocal issued
+            if issued == count:
+                return web.Response(status=503, text="maintenance")
+            issued += 1
+            return web.json_response({"access_token": f"tok-{issued}", "expires_in": lifetime})
+
+        return await handler_upstream(endpoint) + "/token"
+
+    return _make
+
+
+async def test_a_token_is_served_until_it_expires_and_never_after(scripted_endpoint, client):
+    clock = SimTime()
+    tokens = cache_for(client, await scripted_endpoint(100, 1), clock, attempts=1)
+    first = await tokens.get()
+    clock.now = first.expires_at - 0.001  # stale: served, and its refresh fails
+    assert await tokens.get() is first
+    await eventually(lambda: tokens.error is not None)
+    assert tokens.current is first
+    clock.now = first.expires_at
+    assert tokens.current is None
+    with pytest.raises(TokenError):
+        await tokens.get()
+
+
+async def test_invalidate_drops_a_token_only_while_it_is_current(scripted_endpoint, client):
+    clock = SimTime()
+    tokens = cache_for(client, await scripted_endpoint(3600, 2), clock)
+    first = await tokens.get()
+    tokens.invalidate(first)
+    assert tokens.current is None
+    asked = clock.now
+    second = await tokens.get()
+    assert second.access_token == "tok-2"
+    assert clock.now == asked, "a refused token is replaced at once, without the fetch interval"
+    tokens.invalidate(first)  # a caller still holding the old one
+    assert tokens.current is second
+    assert await tokens.get() is second
+
+
 @pytest.mark.parametrize("expires_in", ["0.01", "0.3", "1e-9"])
 async def test_short_lived_tokens_are_fetched_at_most_once_a_second(
     lifetime_endpoint, client, caplog, expires_in
@@ -423,6 +471,63 @@ async def test_token_endpoint_is_asked_at_most_once_a_second_under_load(
     elapsed = time.monotonic() - began
     assert set(statuses) == {200}
     assert fetches[0] <= elapsed + 1, (fetches[0], elapsed)
+
+
+# -- the RFC 6749 error code decides, not words in a message -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "error_code", "credentials"),
+    [
+        (400, {"error": "invalid_client"}, "invalid_client", True),
+        (401, {"error": "invalid_request"}, "invalid_request", True),
+        # The words of the description are the endpoint's, not a verdict on the credentials.
+        (
+            400,
+            {"error": "invalid_scope", "error_description": "no such scope for invalid_client"},
+            "invalid_scope",
+            False,
+        ),
+        (400, {"error": {"code": 400000, "messages": ["invalid_client"]}}, None, False),
+    ],
+    ids=["400-invalid_client", "401", "400-invalid_scope", "400-metadefender-shape"],
+)
+async def test_the_error_code_of_a_refusal_decides_what_to_check(
+    handler_upstream, client, status, answer, error_code, credentials
+):
+    async def refuse(_request: web.Request) -> web.Response:
+        return web.json_response(answer, status=status)
+
+    token_url = await handler_upstream(refuse) + "/token"
+    tokens = cache_for(client, token_url, SimTime())
+    for _ in range(2):  # the fetch, then the error kept for the backoff
+        with pytest.raises(TokenError) as caught:
+            await tokens.get()
+        exc = caught.value
+        assert exc.permanent and exc.status == 502
+        if credentials:
+            assert "rejected the client credentials" in exc.message
+            assert "check oauth.client_id and oauth.client_secret" in exc.message
+        else:
+            assert "refused the token request" in exc.message
+            assert "client_secret" not in exc.message
+        assert exc.error_code == error_code
+        assert exc.error_description == (answer.get("error_description") if error_code else None)
+
+
+async def test_a_token_error_has_no_error_code_when_the_endpoint_gave_none(
+    handler_upstream, client
+):
+    async def unavailable(_request: web.Request) -> web.Response:
+        return web.Response(status=503, text="maintenance")
+
+    credentials = ClientCredentials(
+        client, await handler_upstream(unavailable) + "/token", CLIENT_ID, CLIENT_SECRET
+    )
+    with pytest.raises(TokenError) as caught:
+        await credentials.fetch()
+    assert (caught.value.error_code, caught.value.error_description) == (None, None)
+    assert not caught.value.permanent
 
 
 # -- a backoff that leaves nothing behind ---------------------------------------------------------
