@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -118,7 +118,12 @@ def _ops_routes(
     return [*routes, web.route("*", "/-/" + ANY_PATH, unknown)]
 
 
-def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -> web.Application:
+def create_app(
+    config: Config,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> web.Application:
     """The proxy as an aiohttp application; its client session lives as long as the app.
 
     The first token is fetched in the background, so the app serves at once; ``/-/ready``
@@ -157,6 +162,7 @@ def create_app(config: Config, *, clock: Callable[[], float] = time.monotonic) -
             identity=(config.token_url, config.client_id),
             refresh_margin=config.refresh_margin,
             clock=clock,
+            sleep=sleep,
         )
         metrics.watch(traffic, lambda: tokens.current, clock)
         app[TOKENS] = tokens

@@ -24,7 +24,7 @@ from aiohttp import web
 from proxy import ClientCredentials, TokenCache, TokenError, create_app, load_config
 from proxy.check import check
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, FakeClock, eventually
+from .conftest import CLIENT_ID, CLIENT_SECRET, FakeClock, eventually, proxy_settings
 
 TOKEN = "tok-0123456789abcdef_~+/=="
 ANSWER = json.dumps({"access_token": TOKEN, "expires_in": 3600, "token_type": "Bearer"}).encode()
@@ -566,3 +566,42 @@ async def test_errors_during_a_backoff_are_distinct_and_memory_stays_flat(handle
     finally:
         tracemalloc.stop()
     assert grown < 100_000, grown
+
+
+async def test_an_api_refusing_every_token_does_not_drive_token_requests(
+    start, handler_upstream, upstream, sim, client
+):
+    """A refused token is replaced at once for the replay, but only once per second: an API
+    that refuses them all must not make the proxy ask for a token per request. (The proxy
+    on the real clock and real pauses: about 2.5 s.)"""
+
+    async def refusing(_request: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": {"code": 401010, "messages": ["OAuth token is invalid"]}}, status=401
+        )
+
+    settings = proxy_settings(await handler_upstream(refusing))
+    settings["oauth.token_url"] = upstream + "/v4/oauth2/token"
+    url = f"http://127.0.0.1:{await start(create_app(load_config(environ={}, overrides=settings)))}"
+    await eventually(lambda: sim.token_requests >= 1)
+    began, asked = time.monotonic(), sim.token_requests
+    while time.monotonic() - began < 2.5:
+        async with client.get(url + "/v4/apikey/") as resp:
+            assert resp.status == 401
+    elapsed = time.monotonic() - began
+    assert sim.token_requests - asked <= elapsed + 1, (sim.token_requests - asked, elapsed)
+
+
+async def test_retries_keep_the_interval_whatever_retry_after_says(clock):
+    pauses: list[float] = []
+
+    async def record(seconds: float) -> None:
+        pauses.append(seconds)
+
+    async def busy() -> None:
+        raise TokenError("token endpoint answered HTTP 503", retry_after=0.0)
+
+    tokens = TokenCache(busy, identity="x", clock=clock, sleep=record)  # type: ignore[arg-type]
+    with pytest.raises(TokenError):
+        await tokens.get()
+    assert len(pauses) == 2 and min(pauses) >= 1.0  # three tries, a second apart
