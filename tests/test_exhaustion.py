@@ -191,5 +191,6 @@ async def test_many_slow_uploads_stay_within_the_memory_budget(child, handler_up
     # in all, and at most one read more per upload.
     assert held <= 64 * 2**20 + 300 * 64 * 2**10
     # Without the total budget, 1 MiB per upload stays in memory: the peak rose by 580-700
-    # MiB. aiohttp's own read buffers (up to about 640 KiB a connection) are the rest.
-    assert peak - before < 400, f"peak RSS {peak:.0f} MiB, {before:.0f} MiB at start"
+    # MiB; with it by 220-410 (buffers under each connection that the budget does not count
+    # yet; README, "Limits and timeouts").
+    assert peak - before < 520, f"peak RSS {peak:.0f} MiB, {before:.0f} MiB at start"
