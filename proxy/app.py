@@ -25,6 +25,7 @@ from .listener import ENTRY, LISTEN_LIMITS, Entry, Limits, Runner, default_max_c
 from .logs import HTTP_LOG
 from .observe import Metrics, Traffic, readiness
 from .pipeline import Pipeline
+from .route import Route
 from .tokens import ClientCredentials, TokenCache
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "create_admin_app",
     "create_app",
     "drain",
+    "outbound_route",
     "serve",
     "ssl_context",
 ]
@@ -66,6 +68,11 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
     return ssl.create_default_context(cafile=ca_file) if ca_file else True
 
 
+def outbound_route(config: Config) -> Route:
+    """How the proxy reaches the upstream and the token endpoint (direct, or which proxy)."""
+    return Route(config.proxy, config.proxy_from_file, dict(config.proxy_environment))
+
+
 def client_session(
     config: Config, tls: ssl.SSLContext | bool, *, for_tokens: bool = False
 ) -> aiohttp.ClientSession:
@@ -89,6 +96,8 @@ def client_session(
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),  # one jar would mix the cookies of all callers
         skip_auto_headers=_SKIP_AUTO_HEADERS,
+        # The environment's proxy settings are applied by Route, CIDR ranges in NO_PROXY
+        # included; nothing else from the environment (.netrc) is wanted.
         trust_env=False,
     )
 
@@ -150,12 +159,19 @@ def create_app(
         closed=lambda reason: metrics.connections_closed.labels(reason).inc(),
     )
     tls = ssl_context(config.ca_file)
+    route = outbound_route(config)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         session = client_session(config, tls)
         token_session = client_session(config, tls, for_tokens=True)
         credentials = ClientCredentials(
-            token_session, config.token_url, config.client_id, config.client_secret, tls, clock
+            token_session,
+            config.token_url,
+            config.client_id,
+            config.client_secret,
+            tls,
+            clock,
+            route,
         )
         tokens = TokenCache(
             metrics.counting(credentials.fetch),
@@ -176,6 +192,7 @@ def create_app(
             replay_memory_limit=config.replay_memory_limit,
             replay_memory_total=config.replay_memory_total,
             ssl=tls,
+            route=route,
         )
         metrics.body_memory.set_function(lambda: app[FORWARDER].budget.used)
         pipeline: Entry = Pipeline(

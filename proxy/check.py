@@ -6,10 +6,12 @@ import json
 from typing import TextIO
 
 import aiohttp
+from yarl import URL
 
-from .app import client_session, ssl_context
+from .app import client_session, outbound_route, ssl_context
 from .config import Config
 from .errors import TokenError, describe
+from .route import proxy_failure
 from .tokens import ClientCredentials, Token, read_up_to
 
 __all__ = ["check", "print_token"]
@@ -20,7 +22,11 @@ APIKEY_PATH = "/v4/apikey/"
 async def _fetch(config: Config, session: aiohttp.ClientSession) -> Token:
     """One token request; the session carries the TLS settings."""
     credentials = ClientCredentials(
-        session, config.token_url, config.client_id, config.client_secret
+        session,
+        config.token_url,
+        config.client_id,
+        config.client_secret,
+        route=outbound_route(config),
     )
     return await credentials.fetch()
 
@@ -67,7 +73,14 @@ async def check(config: Config, out: TextIO) -> bool:
     def say(label: str, text: str) -> None:
         print(f"{label:<8} {text}", file=out)
 
-    say("config", f"ok (upstream {config.upstream_url}, token endpoint {config.token_url})")
+    route = outbound_route(config)
+    url = config.upstream_url + APIKEY_PATH
+    hop = route(URL(url))
+    via = f", through outbound proxy {hop.shown} from {hop.source}" if hop is not None else ""
+    say(
+        "config",
+        f"ok (upstream {config.upstream_url}, token endpoint {config.token_url}{via})",
+    )
     async with client_session(config, ssl_context(config.ca_file)) as session:
         try:
             token = await _fetch(config, session)
@@ -78,13 +91,15 @@ async def check(config: Config, out: TextIO) -> bool:
         headers = {"Authorization": "Bearer " + token.access_token}
         if config.api_key is not None:
             headers["apikey"] = config.api_key
-        url = config.upstream_url + APIKEY_PATH
         try:
-            async with session.get(url, headers=headers, allow_redirects=False) as resp:
+            async with session.get(
+                url, headers=headers, allow_redirects=False, proxy=route.proxy_for(URL(url))
+            ) as resp:
                 body = await read_up_to(resp, 1024 * 1024)
                 status, remaining = resp.status, resp.headers.get("X-RateLimit-Remaining")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            say("api", f"FAILED: GET {url}: {describe(exc)}")
+            failure = proxy_failure(exc, hop, URL(url))
+            say("api", f"FAILED: GET {url}: {failure[0] if failure else describe(exc)}")
             return False
     if status != 200:
         reason = _api_error(body)

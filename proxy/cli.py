@@ -14,15 +14,17 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 
 from aiohttp import web
+from yarl import URL
 
 from . import __version__
-from .app import create_admin_app, create_app, drain, serve
+from .app import create_admin_app, create_app, drain, outbound_route, serve
 from .check import check, print_token
-from .config import CONFIG_ENV, KEYS, Config, load_config, token_url_for
+from .config import CONFIG_ENV, KEYS, Config, is_loopback, load_config, token_url_for
 from .errors import ConfigError, ListenError, describe
 from .listener import max_connections, raise_descriptor_limit
 from .logs import setup_logging, throttle_loop_errors
 from .simulator import Simulator
+from .tls import ServerTLS
 from .workers import run_workers
 
 __all__ = ["main"]
@@ -94,9 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _http_url(host: str, port: int) -> str:
+def _http_url(host: str, port: int, scheme: str = "http") -> str:
     # An IPv6 address needs brackets in a URL: http://::1:8080 is not one.
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 async def _wait_for_signal() -> None:
@@ -108,10 +110,16 @@ async def _wait_for_signal() -> None:
 
 
 async def _listen(
-    app: web.Application, host: str, port: int, what: str, reuse_port: bool = False
+    app: web.Application,
+    host: str,
+    port: int,
+    what: str,
+    reuse_port: bool = False,
+    tls: ServerTLS | None = None,
 ) -> web.AppRunner:
+    context = tls.context if tls is not None else None
     try:
-        return await serve(app, host, port, reuse_port=reuse_port)
+        return await serve(app, host, port, reuse_port=reuse_port, ssl_context=context)
     except OSError as exc:
         raise ListenError(f"cannot listen on {what}{host}:{port}: {describe(exc)}") from None
 
@@ -133,34 +141,87 @@ def _serve(config: Config, worker: int | None = None) -> int:
     return 0
 
 
+def _listener_tls(config: Config) -> tuple[ServerTLS | None, ServerTLS | None]:
+    """The reloadable TLS settings of the main and the admin listener, where configured."""
+    main = admin = None
+    if config.tls_cert_file is not None and config.tls_key_file is not None:
+        main = ServerTLS(
+            config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file, name="listen"
+        )
+    if config.admin_tls_cert_file is not None and config.admin_tls_key_file is not None:
+        admin = ServerTLS(config.admin_tls_cert_file, config.admin_tls_key_file, name="admin")
+    return main, admin
+
+
+async def _watch_tls(listeners: list[ServerTLS], interval: float) -> None:
+    """Reload a listener's certificate on SIGHUP, and when its files change."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, lambda: [tls.reload() for tls in listeners])
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            for tls in listeners:
+                tls.reload_if_changed()
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+def _via(config: Config) -> str:
+    """How the upstream is reached, for the start-up line: never the proxy's credentials."""
+    hop = outbound_route(config)(URL(config.upstream_url))
+    return f" through outbound proxy {hop.shown} (from {hop.source})" if hop is not None else ""
+
+
 async def _run_proxy(config: Config, worker: int | None = None) -> None:
     throttle_loop_errors(asyncio.get_running_loop())
     app = create_app(config)
     shared = worker is not None  # workers share their ports
-    runner = await _listen(app, config.host, config.port, "", shared)
+    tls, admin_tls = _listener_tls(config)
+    if tls is None and config.inbound_keys and not is_loopback(config.host):
+        log.warning(
+            "listen.host %s is not loopback and the listener speaks plain HTTP: inbound keys "
+            "and answers travel in clear; set listen.tls_cert_file and listen.tls_key_file",
+            config.host,
+        )
+    runner = await _listen(app, config.host, config.port, "", shared, tls)
     admin = None
+    reloading = [each for each in (tls, admin_tls) if each is not None]
+    watcher = None
+    if reloading:
+        watcher = asyncio.create_task(_watch_tls(reloading, config.tls_reload_interval))
     try:
         if config.admin_port is not None:
             admin = await _listen(
-                create_admin_app(app), config.admin_host, config.admin_port, "admin ", shared
+                create_admin_app(app),
+                config.admin_host,
+                config.admin_port,
+                "admin ",
+                shared,
+                admin_tls,
             )
         log.info(
-            "%smdcloud-proxy %s listening on %s, forwarding to %s (%s event loop, "
+            "%smdcloud-proxy %s listening on %s, forwarding to %s%s (%s event loop, "
             "open-file limit %d, at most %d connections)",
             f"worker {worker} (pid {os.getpid()}): " if shared else "",
             __version__,
-            _http_url(config.host, runner.addresses[0][1]),
+            _http_url(config.host, runner.addresses[0][1], "https" if tls else "http"),
             config.upstream_url,
+            _via(config),
             type(asyncio.get_running_loop()).__module__.split(".")[0],
             resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             max_connections(runner),
         )
         if admin is not None:
+            scheme = "https" if admin_tls else "http"
             log.info(
-                "health and metrics on %s/-/", _http_url(config.admin_host, admin.addresses[0][1])
+                "health and metrics on %s/-/",
+                _http_url(config.admin_host, admin.addresses[0][1], scheme),
             )
         await _wait_for_signal()
     finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
         await drain(runner, config.shutdown_timeout)
         if admin is not None:
             await admin.cleanup()  # last, so that health and metrics stay up while draining

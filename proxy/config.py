@@ -16,6 +16,7 @@ import yaml
 from yarl import URL
 
 from .errors import ConfigError
+from .route import PROXY_VARIABLES, proxy_url
 
 __all__ = [
     "CONFIG_ENV",
@@ -24,6 +25,7 @@ __all__ = [
     "Config",
     "Network",
     "Setting",
+    "is_loopback",
     "load_config",
     "parse_size",
     "token_url_for",
@@ -220,6 +222,14 @@ def _http_url(value: object) -> str:
     return text.rstrip("/")
 
 
+def _proxy_url(value: object) -> str:
+    """An outbound proxy: ``http://[user:password@]host:port``, or ``none`` for direct."""
+    text = _secret(value)
+    if text.lower() == "none":
+        return "none"
+    return str(proxy_url(text))
+
+
 def _ca_bundle(value: object) -> str:
     path = _text(value)
     try:
@@ -400,11 +410,45 @@ class Config:
     replay_memory_total: int = setting(
         "replay.memory_total", parse_size, 64 * MiB, doc="in memory for all bodies"
     )
+    proxy: str | None = setting(
+        "upstream.proxy",
+        _proxy_url,
+        None,
+        secret=True,
+        doc="outbound HTTP proxy http://[user:password@]host:port, or none; unset: HTTPS_PROXY",
+    )
+    tls_cert_file: str | None = setting(
+        "listen.tls_cert_file", _text, None, doc="PEM certificate (and chain): serve HTTPS"
+    )
+    tls_key_file: str | None = setting(
+        "listen.tls_key_file", _text, None, doc="PEM private key of listen.tls_cert_file"
+    )
+    tls_client_ca_file: str | None = setting(
+        "listen.tls_client_ca_file", _text, None, doc="PEM CA that client certificates need"
+    )
+    tls_reload_interval: float = setting(
+        "listen.tls_reload_interval",
+        _positive_seconds,
+        60.0,
+        doc="seconds between checks of the TLS files for a new certificate",
+    )
+    admin_tls_cert_file: str | None = setting(
+        "admin.tls_cert_file", _text, None, doc="PEM certificate for the admin listener"
+    )
+    admin_tls_key_file: str | None = setting(
+        "admin.tls_key_file", _text, None, doc="PEM private key of admin.tls_cert_file"
+    )
+    # Not settings: where the outbound proxy may come from besides upstream.proxy, read by
+    # load_config, so that the route depends on what it was given, never on os.environ later.
+    proxy_environment: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    proxy_from_file: bool = field(default=False, repr=False)
 
 
 def _declared() -> dict[str, Setting]:
     table: dict[str, Setting] = {}
     for each in fields(Config):
+        if "setting" not in each.metadata:
+            continue
         declared: Setting = replace(each.metadata["setting"], attr=each.name)
         table[declared.key] = declared
         if declared.secret:
@@ -484,6 +528,7 @@ def load_config(
             raise ConfigError(f"{key}: unknown key")
     raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
     values = {key: _parse(key, value) for key, value in raw.items() if value is not None}
+    proxy_from_file = "upstream.proxy_file" in values
     for spec in KEYS.values():
         if spec.fills is not None and spec.key in values:
             _read_into(values, spec.key, spec.fills)
@@ -493,12 +538,54 @@ def load_config(
     upstream = values.get("upstream.url", DEFAULT_UPSTREAM)
     values.setdefault("oauth.token_url", token_url_for(upstream))
     config = Config(
-        **{spec.attr: values[key] for key, spec in KEYS.items() if spec.attr and key in values}
+        **{spec.attr: values[key] for key, spec in KEYS.items() if spec.attr and key in values},
+        proxy_environment=_proxy_environment(environ),
+        proxy_from_file=proxy_from_file,
     )
     if not config.allow_insecure_upstream:
         _refuse_plain_http(config)
     _refuse_unprotected_host(config)
+    _check_tls_files(config)
     return config
+
+
+def _proxy_environment(environ: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The proxy variables of ``environ`` (HTTPS_PROXY, NO_PROXY, ...), checked."""
+    found = tuple((name, environ[name]) for name in PROXY_VARIABLES if environ.get(name))
+    for name, value in found:
+        if not name.lower().startswith("no_"):
+            try:
+                proxy_url(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+    return found
+
+
+def _check_tls_files(config: Config) -> None:
+    """Both halves of each certificate pair, and pairs that load; before anything listens."""
+    # Imported here: tls.py uses ConfigError, and config.py is imported first.
+    from .tls import server_context
+
+    pairs = [
+        ("listen", config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file),
+        ("admin", config.admin_tls_cert_file, config.admin_tls_key_file, None),
+    ]
+    for section, cert, key, client_ca in pairs:
+        if (cert is None) != (key is None):
+            missing = "tls_key_file" if key is None else "tls_cert_file"
+            raise ConfigError(
+                f"{section}.{missing}: missing (set both tls_cert_file and tls_key_file)"
+            )
+        if cert is None or key is None:
+            if client_ca is not None:
+                raise ConfigError(
+                    "listen.tls_client_ca_file: needs listen.tls_cert_file and listen.tls_key_file"
+                )
+            continue
+        try:
+            server_context(cert, key, client_ca)
+        except ValueError as exc:
+            raise ConfigError(f"{section}.tls_cert_file: {exc}") from None
 
 
 def _parse(key: str, value: object) -> Any:
@@ -521,12 +608,18 @@ def _read_into(values: dict[str, Any], file_key: str, key: str) -> None:
 
 
 def _refuse_unprotected_host(config: Config) -> None:
-    protected = config.allowed_networks or config.inbound_keys or config.allow_unauthenticated
-    if not _is_loopback(config.host) and not protected:
+    protected = (
+        config.allowed_networks
+        or config.inbound_keys
+        or config.tls_client_ca_file  # mutual TLS: only holders of a signed certificate
+        or config.allow_unauthenticated
+    )
+    if not is_loopback(config.host) and not protected:
         raise ConfigError(
             f"listen.host: {config.host} is not a loopback address, and anyone who can reach "
-            "the proxy acts as your MetaDefender account; set inbound.allowed_networks or "
-            "inbound.keys, or inbound.allow_unauthenticated: true to accept that"
+            "the proxy acts as your MetaDefender account; set inbound.allowed_networks, "
+            "inbound.keys or listen.tls_client_ca_file, or inbound.allow_unauthenticated: true "
+            "to accept that"
         )
 
 
@@ -541,7 +634,7 @@ _CARRIES = {
 def _refuse_plain_http(config: Config) -> None:
     for key, url in (("upstream.url", config.upstream_url), ("oauth.token_url", config.token_url)):
         parsed = URL(url)
-        if parsed.scheme == "http" and not _is_loopback(parsed.host or ""):
+        if parsed.scheme == "http" and not is_loopback(parsed.host or ""):
             raise ConfigError(
                 f"{key}: {url} is plain http:// to a host that is not loopback, so "
                 f"{_CARRIES[key]} would cross the network unencrypted; use https://, or set "
@@ -549,7 +642,8 @@ def _refuse_plain_http(config: Config) -> None:
             )
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine only (``localhost`` or a loopback address)."""
     if host.lower() == "localhost":
         return True
     try:

@@ -6,6 +6,8 @@ Exception tree, with the HTTP status and MetaDefender-style code of each answer:
     ├── ProxyError          a failure the proxy explains to its caller as JSON (500 500000);
     │   │                   raised as itself when the upstream fails (502 5020xx, 504 504001)
     │   │                   or a header cannot be passed on unaltered (400 400004, 502 502005)
+    │   │                   or the outbound proxy failed (502 502006) or refused its
+    │   │                   credentials (502 502007)
     │   ├── ConfigError     bad configuration, the message names the key; found before the
     │   │                   proxy listens, so never an answer: the command exits with 2
     │   ├── TokenError      no bearer token could be had: 503 503010 when the token endpoint
@@ -30,6 +32,8 @@ import aiohttp
 from aiohttp import web
 
 __all__ = [
+    "SERVER",
+    "SERVER_NAME",
     "BodyError",
     "ConfigError",
     "ListenError",
@@ -38,6 +42,11 @@ __all__ = [
     "describe",
     "error_response",
 ]
+
+
+SERVER = "Server"
+# What the proxy's own answers say in Server: no versions of Python or aiohttp to look up.
+SERVER_NAME = "mdcloud-proxy"
 
 
 class ProxyError(Exception):

@@ -14,9 +14,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .body import MemoryBudget, ReplayableBody
-from .errors import ProxyError, describe
+from .errors import SERVER, SERVER_NAME, ProxyError, describe
 from .inbound import KEY_HEADER
 from .observe import REPLAY, SENT, Metrics, request_target
+from .route import Hop, Route, proxy_failure
 from .tokens import Token, TokenCache
 
 __all__ = ["HOP_BY_HOP", "Forwarder"]
@@ -145,10 +146,16 @@ def _token_refused_by_hanging_up(exc: BaseException, body: ReplayableBody | None
     return dropped and body is not None and body.error is None and not body.delivered
 
 
-def _upstream_failure(exc: BaseException, url: URL, body: ReplayableBody | None) -> ProxyError:
+def _upstream_failure(
+    exc: BaseException, url: URL, body: ReplayableBody | None, hop: Hop | None = None
+) -> ProxyError:
     """The error to show the caller for a failed upstream exchange."""
     if body is not None and body.error is not None:
         return body.error  # the caller's side failed, not the upstream
+    failure = proxy_failure(exc, hop, url)
+    if failure is not None:
+        message, rejected = failure
+        return ProxyError(message, status=502, code=502007 if rejected else 502006)
     if isinstance(exc, TimeoutError):
         return ProxyError(
             f"upstream {url.host} did not answer in time (upstream.connect_timeout / "
@@ -196,6 +203,7 @@ class Forwarder:
         replay_memory_limit: int,
         replay_memory_total: int,
         ssl: SSLContext | bool = True,
+        route: Route | None = None,
     ):
         self._session = session
         self._tokens = tokens
@@ -206,6 +214,9 @@ class Forwarder:
         self._memory_limit = replay_memory_limit
         self.budget = MemoryBudget(replay_memory_total)  # shared by all requests' bodies
         self._ssl = ssl
+        # One upstream: its route is decided once.
+        self._hop = (route or Route())(URL(self._base))
+        self._proxy = self._hop.url if self._hop is not None else None
 
     def __repr__(self) -> str:
         return f"Forwarder(upstream_url={self._base!r})"
@@ -284,7 +295,7 @@ class Forwarder:
             if resp is not None:
                 resp.close()
             if not _token_refused_by_hanging_up(exc, body):
-                raise _upstream_failure(exc, url, body) from None
+                raise _upstream_failure(exc, url, body, self._hop) from None
             log.info(
                 "upstream hung up on %s %s before reading the whole body; "
                 "replaying with a fresh token",
@@ -313,7 +324,7 @@ class Forwarder:
             outcome = "refused" if resp.status == 401 else "ok"
             return resp, b""
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _upstream_failure(exc, url, body) from None
+            raise _upstream_failure(exc, url, body, self._hop) from None
         finally:
             request[REPLAY] = outcome
             self._metrics.replays.labels(outcome).inc()
@@ -336,6 +347,7 @@ class Forwarder:
             data=body.stream() if body is not None else None,
             allow_redirects=False,
             ssl=self._ssl,
+            proxy=self._proxy,
         )
         self._metrics.upstream_latency.observe(time.monotonic() - started)
         return resp
@@ -355,6 +367,8 @@ class Forwarder:
             )
         out = _Relayed(status=resp.status, reason=resp.reason)
         out.headers.extend(headers)
+        if SERVER not in out.headers:
+            out.headers[SERVER] = SERVER_NAME  # not aiohttp's default, which names versions
         out.content_length = resp.content_length
         await out.prepare(request)
         request[SENT] = 0

@@ -32,7 +32,7 @@ from aiohttp.http_exceptions import (
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from .errors import error_response
+from .errors import SERVER, SERVER_NAME, error_response
 from .logs import HTTP_LOG, Throttled
 
 __all__ = [
@@ -238,6 +238,8 @@ class _Connection(RequestHandler):
         # parser drops what was pipelined behind one: answer, then close at once (not after
         # lingering to read a body that never ends), instead of leaving the caller waiting.
         upgrade = request.method == "CONNECT" or "Upgrade" in request.headers
+        if not resp.prepared:  # the proxy's own answer; a forwarded one is under way already
+            resp.headers.setdefault(SERVER, SERVER_NAME)
         try:
             answered = await super().finish_response(request, resp, start_time)
             if upgrade:

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from ssl import SSLContext
 
 import aiohttp
+from yarl import URL
 
 from .errors import TokenError, describe
+from .route import Route, proxy_failure
 
 __all__ = ["ClientCredentials", "Token", "TokenCache", "read_up_to"]
 
@@ -145,6 +147,7 @@ class ClientCredentials:
     client_secret: str = field(repr=False)
     ssl: SSLContext | bool = field(default=True, repr=False)
     clock: Clock = field(default=time.monotonic, repr=False)
+    route: Route = field(default_factory=Route, repr=False)
 
     def _basic_auth(self) -> str:
         # As MetaDefender documents it: base64(CLIENT_ID:CLIENT_SECRET), without form-encoding.
@@ -153,6 +156,7 @@ class ClientCredentials:
 
     async def fetch(self) -> Token:
         """One token request; raises TokenError saying what went wrong."""
+        url = URL(self.token_url)
         try:
             async with self.session.post(
                 self.token_url,
@@ -165,6 +169,7 @@ class ClientCredentials:
                 },
                 allow_redirects=False,
                 ssl=self.ssl,
+                proxy=self.route.proxy_for(url),
             ) as resp:
                 # The lifetime counts from the answer's arrival, not from the end of a body
                 # that may come slowly: a token is never thought valid longer than it is.
@@ -173,6 +178,17 @@ class ClientCredentials:
                 status, headers = resp.status, resp.headers
         except TimeoutError:
             raise TokenError(f"token endpoint {self.token_url} timed out") from None
+        except (aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError) as exc:
+            failure = proxy_failure(exc, self.route(url), url)
+            if failure is None:
+                raise
+            message, rejected = failure
+            # Rejected credentials are a configuration error: waited out like the client's.
+            raise TokenError(
+                f"token endpoint {self.token_url}: {message}",
+                status=502 if rejected else 503,
+                permanent=rejected,
+            ) from None
         except aiohttp.ClientPayloadError:
             raise TokenError(f"token endpoint {self.token_url} broke off its answer") from None
         except aiohttp.ClientSSLError as exc:

@@ -57,8 +57,14 @@ def run_workers(config: Config, serve: Callable[[Config, int], int]) -> int:
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
 
+    def reload(_signum: int, _frame: object) -> None:
+        for pid in workers:
+            os.kill(pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if config.tls_cert_file or config.admin_tls_cert_file:
+        signal.signal(signal.SIGHUP, reload)  # each worker reloads its certificates
     result = 0
     while workers:
         pid, status = os.wait()

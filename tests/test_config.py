@@ -262,8 +262,8 @@ def test_non_loopback_needs_inbound_protection(host):
         load_config(environ=env)
     assert str(info.value) == (
         f"listen.host: {host} is not a loopback address, and anyone who can reach the proxy "
-        "acts as your MetaDefender account; set inbound.allowed_networks or inbound.keys, or "
-        "inbound.allow_unauthenticated: true to accept that"
+        "acts as your MetaDefender account; set inbound.allowed_networks, inbound.keys or "
+        "listen.tls_client_ca_file, or inbound.allow_unauthenticated: true to accept that"
     )
     key = "k" * 16
     for protection in [

@@ -42,14 +42,20 @@ def test_kubernetes_sidecar():
     assert env["MDCLOUD_PROXY_LISTEN_HOST"] == "127.0.0.1"
     admin_port = int(env["MDCLOUD_PROXY_ADMIN_PORT"])
     assert proxy["ports"] == [{"name": "admin", "containerPort": admin_port}]
-    assert proxy["readinessProbe"]["httpGet"] == {"path": "/-/ready", "port": "admin"}
-    assert proxy["livenessProbe"]["httpGet"] == {"path": "/-/healthy", "port": "admin"}
+    https = {"port": "admin", "scheme": "HTTPS"}  # the admin listener has a certificate
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/-/ready", **https}
+    assert proxy["livenessProbe"]["httpGet"] == {"path": "/-/healthy", **https}
     assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/-/metrics"
     assert spec["terminationGracePeriodSeconds"] > Config.shutdown_timeout
     mounts = {m["name"]: m["mountPath"] for m in proxy["volumeMounts"]}
-    (volume,) = [v for v in spec["volumes"] if "secret" in v]
-    (item,) = volume["secret"]["items"]
-    assert env["MDCLOUD_CLIENT_SECRET_FILE"] == f"{mounts[volume['name']]}/{item['path']}"
+    secrets = {v["secret"]["secretName"]: v for v in spec["volumes"] if "secret" in v}
+    oauth = secrets["mdcloud-oauth"]
+    (item,) = oauth["secret"]["items"]
+    assert env["MDCLOUD_CLIENT_SECRET_FILE"] == f"{mounts[oauth['name']]}/{item['path']}"
+    # The certificate from a kubernetes.io/tls Secret, mounted whole so that renewals reach it.
+    tls = mounts[secrets["mdcloud-proxy-tls"]["name"]]
+    assert env["MDCLOUD_PROXY_ADMIN_TLS_CERT_FILE"] == f"{tls}/tls.crt"
+    assert env["MDCLOUD_PROXY_ADMIN_TLS_KEY_FILE"] == f"{tls}/tls.key"
     assert mounts["tmp"] == "/tmp"  # a read-only root still has room for replay spill files
 
 

@@ -1,0 +1,106 @@
+"""TLS on the listeners: a certificate that can be replaced while the proxy serves.
+
+An asyncio server keeps the SSLContext it was started with. So the listening context only
+picks, in its ``sni_callback`` (called for every handshake, with or without SNI), the
+context that holds the current certificate; a rotation builds a new context and swaps it in
+for the connections that come after. Connections already open keep theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+
+__all__ = ["ServerTLS", "server_context"]
+
+log = logging.getLogger("mdcloud_proxy.tls")
+
+_Signature = tuple[tuple[int, int, int], ...]
+
+
+def server_context(cert_file: str, key_file: str, client_ca_file: str | None) -> ssl.SSLContext:
+    """A server context: TLS 1.2 and newer, Python's defaults otherwise; with
+    ``client_ca_file``, only clients with a certificate it signed get through.
+
+    Raises ValueError saying which file is wrong and how.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise ValueError(f"{key_file} is not the private key of {cert_file}") from None
+        raise ValueError(f"{cert_file} / {key_file}: not a PEM certificate and key") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {exc.filename or cert_file}: {exc.strerror}") from None
+    if client_ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca_file)
+        except (OSError, ssl.SSLError):
+            raise ValueError(f"{client_ca_file}: not a readable PEM CA bundle") from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _signature(paths: tuple[str, ...]) -> _Signature:
+    """What changes when a file is replaced: in place (size, time) or by a rename or a
+    symlink swap, as Kubernetes does with a Secret (inode)."""
+    stats = (os.stat(path) for path in paths)
+    return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
+
+
+class ServerTLS:
+    """The TLS settings of one listener, reloadable: ``context`` goes to the server once;
+    ``reload()`` (on SIGHUP) and ``reload_if_changed()`` (every interval) change what new
+    connections get. A broken or mismatched new pair is refused with one log line, and the
+    certificate in use stays."""
+
+    def __init__(
+        self, cert_file: str, key_file: str, client_ca_file: str | None = None, *, name: str = ""
+    ) -> None:
+        self._files = (cert_file, key_file)
+        self._client_ca = client_ca_file
+        self._name = name  # "listen" or "admin", for the log lines
+        self._signature = self._stat()
+        self._refused: _Signature | None = None
+        self._current = server_context(cert_file, key_file, client_ca_file)
+        self.context = server_context(cert_file, key_file, client_ca_file)
+        self.context.sni_callback = self._pick
+
+    def _pick(self, ssl_object: ssl.SSLObject, _name: str | None, _ctx: ssl.SSLContext) -> None:
+        # The chosen context's certificate and key are used from here on in this handshake.
+        ssl_object.context = self._current
+
+    def _stat(self) -> _Signature | None:
+        try:
+            return _signature(self._files)
+        except OSError:
+            return None  # being replaced: looked at again next time
+
+    def reload_if_changed(self) -> bool:
+        """Reload if the files changed since the last look; whether a new pair is in use."""
+        signature = self._stat()
+        if signature is None or signature == self._signature:
+            return False
+        return self.reload(signature)
+
+    def reload(self, signature: _Signature | None = None) -> bool:
+        """Load the files as they are now for new connections; whether that worked."""
+        signature = signature or self._stat()
+        self._signature = signature
+        try:
+            context = server_context(*self._files, self._client_ca)
+        except ValueError as exc:
+            if signature is None or signature != self._refused:
+                log.error(
+                    "%s: new TLS certificate refused, the previous one stays in use: %s",
+                    self._name + ".tls_cert_file",
+                    exc,
+                )
+            self._refused = signature
+            return False
+        self._current, self._refused = context, None
+        log.info("%s: TLS certificate reloaded from %s", self._name, self._files[0])
+        return True
