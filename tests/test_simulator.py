@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import signal
 from typing import Any
 from urllib.parse import quote
 
@@ -17,7 +18,7 @@ import pytest
 from yarl import URL
 
 from proxy import Simulator
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, FakeClock, eventually
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, FakeClock, eventually, spawn, wait_for_line
 
 
 async def bearer(
@@ -294,3 +295,43 @@ async def test_refused_calls_count_nothing(api):
     assert (await sim_api.call("POST", "/v4/ip", json={"address": ["1.2.3.4"]}))[0] == 401
     assert (await sim_api.call("POST", "/v4/file", data=b"x"))[0] == 401
     assert (sim_api.sim.served, sim_api.sim.lookups) == ({}, 2)
+
+
+async def stop(proc: asyncio.subprocess.Process) -> int:
+    proc.send_signal(signal.SIGINT)
+    async with asyncio.timeout(15):
+        return await proc.wait()
+
+
+async def test_the_simulator_command_takes_limits_and_throttles(client):
+    proc = await spawn(
+        "simulator", "--port", "0", "--limit-reputation", "1", "--limit-prevention", "9",
+        "--limit-interval", "60", "--throttle-prevention", "1/30",
+    )  # fmt: skip
+    try:
+        line = await wait_for_line(proc, r"simulator on (http://127\.0\.0\.1:\d+)")
+        assert "per 60 s: reputation 1, prevention 9; prevention_api throttled to 1/30 s" in (
+            line.string
+        )
+        base = line.group(1)
+        sim_api = Api(client, base, await bearer(client, base, "demo-client", "demo-secret"))
+        status, headers, _ = await sim_api.call("GET", "/v4/ip/1.2.3.4")
+        assert (status, rate(headers)["Limit"], rate(headers)["Interval"]) == (200, "1", "60")
+        status, _, body = await sim_api.call("GET", "/v4/ip/1.2.3.4")
+        assert (status, code(body)) == (429, 429000)
+        assert (await sim_api.call("POST", "/v4/file", data=b"x"))[0] == 200
+        status, headers, body = await sim_api.call("POST", "/v4/file", data=b"x")
+        assert (status, code(body)) == (429, 429001)
+        assert 1 <= int(headers["Retry-After"]) <= 30
+        _, _, info = await sim_api.call("GET", "/v4/apikey/")
+        assert (info["limit_reputation"], info["limit_prevention"]) == (1, 9)
+    finally:
+        assert await stop(proc) == 0
+
+
+async def test_the_simulator_command_refuses_a_bad_throttle():
+    proc = await spawn("simulator", "--throttle-reputation", "10", stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(15):
+        _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert b"expected CALLS/SECONDS such as 10/60, not '10'" in err
