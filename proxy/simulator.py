@@ -190,7 +190,7 @@ class Simulator:
         app.router.add_get("/v4/ip/{value}", self._lookup("address", self._reputation))
         app.router.add_get("/v4/domain/{value}", self._lookup("address", self._reputation))
         # aiohttp matches on the path with %2F still encoded, then decodes it in match_info.
-        app.router.add_get("/v4/url/{value:.+}", self._lookup("address", self._reputation))
+        app.router.add_get(r"/v4/url/{value:[\s\S]+}", self._lookup("address", self._reputation))
         app.router.add_get("/v4/cve/{value}", self._lookup("cve", self._cve_report))
         app.router.add_post("/v4/hash", self._bulk("hash", "hash", self._hash_report))
         app.router.add_post("/v4/ip", self._bulk("address", "address", self._reputation))

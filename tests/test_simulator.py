@@ -250,6 +250,7 @@ async def test_lookup_answers_are_the_same_bytes_for_the_same_value(api):
     ]  # fmt: skip
     assert all(r["lookup_results"]["sources"] for r in reports[:4])
     assert await first.raw("/v4/ip/192.0.2.2") != answers[0]
+    assert json.loads(await first.raw("/v4/url/a%0Ab"))["address"] == "a\nb", "any character"
 
 
 async def test_unknown_values_are_404003_and_still_counted(api):
