@@ -93,7 +93,42 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds after which the simulator really refuses a token (< lifetime: early expiry)",
     )
+    for kind in ("reputation", "prevention"):
+        sim.add_argument(
+            f"--limit-{kind}",
+            type=int,
+            default=4000,
+            metavar="N",
+            help=f"{kind}_api calls allowed per interval (default 4000)",
+        )
+    sim.add_argument(
+        "--limit-interval",
+        type=float,
+        default=86400.0,
+        metavar="SECONDS",
+        help="length of the quota interval, from the first call (default 86400: daily)",
+    )
+    for kind in ("reputation", "prevention"):
+        sim.add_argument(
+            f"--throttle-{kind}",
+            type=_throttle,
+            default=None,
+            metavar="N/SECONDS",
+            help=f"at most N {kind}_api calls per SECONDS, else 429001 (default: no throttle)",
+        )
     return parser
+
+
+def _throttle(text: str) -> tuple[int, float]:
+    """``10/60`` as (10, 60.0): calls per window of seconds."""
+    calls, _, seconds = text.partition("/")
+    try:
+        throttle = int(calls), float(seconds)
+    except ValueError:
+        throttle = (0, 0.0)
+    if throttle[0] < 1 or not throttle[1] > 0:
+        raise argparse.ArgumentTypeError(f"expected CALLS/SECONDS such as 10/60, not {text!r}")
+    return throttle
 
 
 def _http_url(host: str, port: int, scheme: str = "http") -> str:
@@ -231,11 +266,16 @@ async def _run_proxy(config: Config, worker: int | None = None) -> None:
 async def _run_simulator(sim: Simulator, host: str, port: int) -> None:
     runner = await serve(sim.app(), host, port)
     log.info(
-        "MetaDefender Cloud simulator on http://%s:%d (client id %r, token lifetime %.0f s)",
+        "MetaDefender Cloud simulator on http://%s:%d (client id %r, token lifetime %.0f s; "
+        "per %g s: reputation %d, prevention %d%s)",
         host,
         runner.addresses[0][1],
         sim.client_id,
         sim.token_lifetime,
+        sim.limit_interval,
+        sim.limits["reputation_api"],
+        sim.limits["prevention_api"],
+        "".join(f"; {kind} throttled to {n}/{s:g} s" for kind, (n, s) in sim.throttles.items()),
     )
     try:
         await _wait_for_signal()
@@ -304,12 +344,23 @@ def _command(args: argparse.Namespace) -> int:
         level, format_ = flags["log.level"], flags["log.format"]
         setup_logging(str(level or Config.log_level), str(format_ or Config.log_format))
         if args.command == "simulator":
+            throttles = {
+                f"{kind}_api": getattr(args, f"throttle_{kind}")
+                for kind in ("reputation", "prevention")
+                if getattr(args, f"throttle_{kind}") is not None
+            }
             sim = Simulator(
                 args.client_id,
                 args.client_secret,
                 api_key=args.api_key,
                 token_lifetime=args.token_lifetime,
                 revoke_after=args.revoke_after,
+                limits={  # the other limit types keep the simulator's default
+                    "reputation_api": args.limit_reputation,
+                    "prevention_api": args.limit_prevention,
+                },
+                limit_interval=args.limit_interval,
+                throttles=throttles,
             )
             asyncio.run(_run_simulator(sim, args.sim_host, args.sim_port))
         else:

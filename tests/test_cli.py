@@ -134,7 +134,7 @@ async def test_check_reports_token_and_limits(sim, upstream):
         "token    ok, valid for 3600 s",
         "api      ok, GET /v4/apikey/ answered HTTP 200",
         "limits   prevention 4000, reputation 4000 per daily interval; max upload 140 MB; "
-        "3998 requests left now",
+        "4000 requests left now",  # GET /v4/apikey/ counts against no quota
     ]
     assert [r.raw_path for r in sim.requests] == ["/v4/oauth2/token", "/v4/apikey/"]
 

@@ -54,7 +54,7 @@ def raw_get(target: str, *headers: str, host: str = "127.0.0.1") -> bytes:
 )
 async def test_path_and_query_arrive_byte_for_byte(sim, upstream, proxy, target):
     resp = await raw_exchange(proxy.port, raw_get(target, host="evil.example"))
-    assert resp.status == 404  # from the simulator's catch-all, i.e. it reached the upstream
+    assert resp.status in (200, 404)  # from the simulator (a lookup or its catch-all)
     seen = sim.requests[-1]
     assert seen.raw_path == target
     assert seen.header("Host") == [upstream.removeprefix("http://")]
@@ -143,7 +143,7 @@ async def test_body_is_opaque_bytes(sim, proxy, client):
         data=body,
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     ) as resp:
-        assert resp.status == 404
+        assert resp.status == 400  # the simulator's bulk lookup: not JSON
     seen = sim.requests[-1]
     assert seen.body_sha256 == hashlib.sha256(body).hexdigest()
     assert seen.header("Content-Type") == ["application/x-www-form-urlencoded"]

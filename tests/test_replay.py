@@ -69,8 +69,8 @@ async def test_replay_uses_new_token_and_same_request(sim, proxy, client):
         data=b'{"hash":["abc"]}',
         headers={"X-Trace": "t1"},
     ) as resp:
-        assert resp.status == 404  # the simulator has no POST /v4/hash: the replayed answer
-        assert (await resp.json())["error"]["code"] == 404000
+        assert resp.status == 200  # the replayed answer, to the body sent again
+        assert [item["hash"] for item in (await resp.json())["data"]] == ["abc"]
     refused, replayed = sim.requests[-3], sim.requests[-1]
     assert refused.raw_path == replayed.raw_path == "/v4/hash?x=1&y=%2F"
     assert refused.header("Authorization") == [f"Bearer {first_token}"]
