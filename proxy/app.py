@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import ssl
 import time
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from .cache import LookupCache
 from .config import Config
 from .errors import error_response
 from .forward import Forwarder
@@ -178,9 +180,27 @@ def create_app(
             ssl=tls,
         )
         metrics.body_memory.set_function(lambda: app[FORWARDER].budget.used)
+        cache = None
+        if config.cache_enabled:
+            identity = f"{config.token_url}\0{config.client_id}"
+            cache = LookupCache(
+                forwarder=app[FORWARDER],
+                metrics=metrics,
+                identity=hashlib.sha256(identity.encode()).hexdigest(),
+                api_key=config.api_key,
+                ttl=config.cache_ttl,
+                miss_ttl=config.cache_miss_ttl,
+                stale_ttl=config.cache_stale_ttl,
+                max_size=config.cache_max_size,
+                max_entry_size=config.cache_max_entry_size,
+                uploads=config.cache_uploads,
+                upload_ttl=config.cache_upload_ttl,
+                clock=clock,
+            )
         pipeline: Entry = Pipeline(
             inbound=inbound,
             forwarder=app[FORWARDER],
+            cache=cache,
             metrics=metrics,
             traffic=traffic,
             max_body_size=config.max_body_size,

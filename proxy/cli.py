@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(parser, None)
     _add_flags(parser, None, common=False)
     parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="turn the quota guard's lookup cache off (cache.enabled: false)",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help="run in front of the built-in MetaDefender simulator with short-lived tokens",
@@ -239,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     flags = {spec.key: getattr(args, spec.key, None) for spec in KEYS.values() if spec.flag}
+    if getattr(args, "no_cache", False):
+        flags["cache.enabled"] = False
     if args.command == "simulator" or args.demo:
         level, format_ = flags["log.level"], flags["log.format"]
         setup_logging(str(level or Config.log_level), str(format_ or Config.log_format))

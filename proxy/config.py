@@ -400,6 +400,28 @@ class Config:
     replay_memory_total: int = setting(
         "replay.memory_total", parse_size, 64 * MiB, doc="in memory for all bodies"
     )
+    cache_enabled: bool = setting(
+        "cache.enabled", _boolean, True, doc="the quota guard's lookup cache (--no-cache: off)"
+    )
+    cache_ttl: float = setting("cache.ttl", _seconds, 900.0, doc="lifetime of a lookup answer")
+    cache_miss_ttl: float = setting(
+        "cache.miss_ttl", _seconds, 120.0, doc='lifetime of a "not found" (404003)'
+    )
+    cache_stale_ttl: float = setting(
+        "cache.stale_ttl", _seconds, 86400.0, doc="how long past its lifetime an answer is served"
+    )
+    cache_max_size: int = setting(
+        "cache.max_size", parse_size, 64 * MiB, doc="all cached answers together"
+    )
+    cache_max_entry_size: int = setting(
+        "cache.max_entry_size", parse_size, 1 * MiB, doc="larger answers and bulk bodies pass"
+    )
+    cache_uploads: bool = setting(
+        "cache.uploads", _boolean, False, doc="answer a repeated upload with its earlier answer"
+    )
+    cache_upload_ttl: float = setting(
+        "cache.upload_ttl", _seconds, 86400.0, doc="how long an upload's answer is remembered"
+    )
 
 
 def _declared() -> dict[str, Setting]:

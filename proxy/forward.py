@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from ssl import SSLContext
 
 import aiohttp
@@ -17,9 +19,13 @@ from .body import MemoryBudget, ReplayableBody
 from .errors import ProxyError, describe
 from .inbound import KEY_HEADER
 from .observe import REPLAY, SENT, Metrics, request_target
-from .tokens import Token, TokenCache
+from .tokens import Token, TokenCache, read_up_to
 
-__all__ = ["HOP_BY_HOP", "Forwarder"]
+__all__ = ["CACHE_STATUS", "HOP_BY_HOP", "Answer", "Captured", "Forwarder"]
+
+# How a cacheable request was answered (MISS, HIT, BYPASS, STALE), as nginx's
+# $upstream_cache_status.
+CACHE_STATUS = "X-Cache-Status"
 
 log = logging.getLogger("mdcloud_proxy.forward")
 
@@ -180,6 +186,46 @@ def _upstream_failure(exc: BaseException, url: URL, body: ReplayableBody | None)
     )
 
 
+def _returned(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The answer's headers that go on to the caller; ProxyError if one cannot."""
+    returned = _filtered(headers, _NOT_RETURNED)
+    not_utf8 = _not_utf8(returned)
+    if not_utf8 is not None:
+        raise ProxyError(
+            f"upstream answer header {not_utf8} is not valid UTF-8; "
+            "it cannot be passed on unaltered",
+            status=502,
+            code=502005,
+        )
+    return returned
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An upstream answer read whole: what a cache keeps and serves again."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def response(self, extra: Mapping[str, str]) -> web.Response:
+        """The answer for a caller, with ``extra`` headers."""
+        answer = web.Response(status=self.status, reason=self.reason, body=self.body)
+        answer.headers.extend(self.headers)
+        answer.headers.update(extra)
+        return answer
+
+
+@dataclass(frozen=True)
+class Captured:
+    """What ``Forwarder.capture`` got: the whole answer, or one too long, still open."""
+
+    answer: Answer | None
+    open: aiohttp.ClientResponse | None
+    start: bytes
+
+
 class Forwarder:
     """Forwards a request to the one upstream with a bearer token: builds the outgoing
     request, sends it, replays it once if the token was refused, relays the answer."""
@@ -210,31 +256,64 @@ class Forwarder:
     def __repr__(self) -> str:
         return f"Forwarder(upstream_url={self._base!r})"
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    def body_of(self, request: web.BaseRequest) -> ReplayableBody | None:
+        """The caller's body, replayable (None for a request without one)."""
+        if not request.body_exists:
+            return None
+        return ReplayableBody(
+            request.content,
+            memory_limit=self._memory_limit,
+            max_size=self._max_body_size,
+            budget=self.budget,
+        )
+
+    async def __call__(
+        self,
+        request: web.BaseRequest,
+        *,
+        body: ReplayableBody | None = None,
+        cache_status: str | None = None,
+    ) -> web.StreamResponse:
         """Forward one admitted request and relay its answer.
 
-        Raises ProxyError for a failure before anything was sent to the caller; a failure
-        after that aborts the caller's connection.
+        ``body`` is the caller's body when a step before has taken it (the caller's own);
+        ``cache_status`` becomes the answer's X-Cache-Status. Raises ProxyError for a failure
+        before anything was sent to the caller; a failure after that aborts its connection.
         """
-        body = None
-        if request.body_exists:
-            body = ReplayableBody(
-                request.content,
-                memory_limit=self._memory_limit,
-                max_size=self._max_body_size,
-                budget=self.budget,
-            )
+        own = body is None
+        if own:
+            body = self.body_of(request)
         try:
             url, headers = self._outgoing(request, body)
             resp, peeked = await self._exchange(request, url, headers, body)
-            try:
-                return await self._relay(request, resp, peeked)
-            finally:
-                # Back to the pool when the answer was read to the end, closed otherwise.
-                resp.release()
+            return await self.relay(request, resp, peeked, cache_status)
         finally:
-            if body is not None:
+            if own and body is not None:
                 body.close()
+
+    async def capture(
+        self, request: web.BaseRequest, limit: int, body: ReplayableBody | None = None
+    ) -> Captured:
+        """Forward ``request`` and read its answer whole, if it has at most ``limit`` bytes.
+
+        A longer answer is left open in the result, with what was read of it, for ``relay``.
+        """
+        url, headers = self._outgoing(request, body)
+        resp, peeked = await self._exchange(request, url, headers, body)
+        try:
+            data = peeked + await read_up_to(resp, max(0, limit - len(peeked)))
+            answer_headers = _returned(resp.headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp.close()
+            raise _upstream_failure(exc, url, body) from None
+        except ProxyError:
+            resp.close()
+            raise
+        if len(data) > limit:
+            return Captured(None, resp, data)
+        resp.release()
+        answer = Answer(resp.status, resp.reason or "", answer_headers, data)
+        return Captured(answer, None, b"")
 
     def _outgoing(
         self, request: web.BaseRequest, body: ReplayableBody | None
@@ -340,21 +419,32 @@ class Forwarder:
         self._metrics.upstream_latency.observe(time.monotonic() - started)
         return resp
 
-    async def _relay(
-        self, request: web.BaseRequest, resp: aiohttp.ClientResponse, peeked: bytes
+    async def relay(
+        self,
+        request: web.BaseRequest,
+        resp: aiohttp.ClientResponse,
+        peeked: bytes,
+        cache_status: str | None = None,
     ) -> web.StreamResponse:
-        """Stream the upstream answer to the caller; abort the connection if it breaks off."""
-        headers = _filtered(resp.headers, _NOT_RETURNED)
-        not_utf8 = _not_utf8(headers)
-        if not_utf8 is not None:
-            raise ProxyError(
-                f"upstream answer header {not_utf8} is not valid UTF-8; "
-                "it cannot be passed on unaltered",
-                status=502,
-                code=502005,
-            )
+        """Stream the upstream answer to the caller (``peeked``: what was read of it already),
+        then release it; abort the caller's connection if it breaks off."""
+        try:
+            return await self._stream(request, resp, peeked, cache_status)
+        finally:
+            # Back to the pool when the answer was read to the end, closed otherwise.
+            resp.release()
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        resp: aiohttp.ClientResponse,
+        peeked: bytes,
+        cache_status: str | None,
+    ) -> web.StreamResponse:
         out = _Relayed(status=resp.status, reason=resp.reason)
-        out.headers.extend(headers)
+        out.headers.extend(_returned(resp.headers))
+        if cache_status is not None:
+            out.headers[CACHE_STATUS] = cache_status
         out.content_length = resp.content_length
         await out.prepare(request)
         request[SENT] = 0

@@ -24,7 +24,16 @@ from .errors import TokenError, error_response
 from .listener import CLOSE_REASONS
 from .tokens import Token, TokenCache
 
-__all__ = ["CALLER_GONE", "REPLAY", "SENT", "Metrics", "Traffic", "readiness", "request_target"]
+__all__ = [
+    "CACHE",
+    "CALLER_GONE",
+    "REPLAY",
+    "SENT",
+    "Metrics",
+    "Traffic",
+    "readiness",
+    "request_target",
+]
 
 log = logging.getLogger("mdcloud_proxy.access")
 Clock = Callable[[], float]
@@ -33,6 +42,8 @@ Clock = Callable[[], float]
 # relayed (a streamed answer's own counters include headers and chunk framing).
 REPLAY = web.RequestKey("replay", str)
 SENT = web.RequestKey("sent", int)
+# Set by the quota guard: how a cacheable request was answered (X-Cache-Status).
+CACHE = web.RequestKey("cache", str)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # nginx's code for "the caller closed the connection before the answer was sent".
 CALLER_GONE = 499
@@ -134,6 +145,32 @@ class Metrics:
             "Response body bytes sent to callers.",
             registry=self.registry,
         )
+        self.cache_requests = Counter(
+            prefix + "cache_requests",
+            "Requests on cacheable routes, by how they were answered (hit, miss, bypass, stale).",
+            ["status"],
+            registry=self.registry,
+        )
+        self.cache_entries = Gauge(
+            prefix + "cache_entries", "Lookup answers in the cache.", registry=self.registry
+        )
+        self.cache_bytes = Gauge(
+            prefix + "cache_bytes",
+            "Bytes the cached answers take (bodies and headers; at most cache.max_size).",
+            registry=self.registry,
+        )
+        self.cache_coalesced = Counter(
+            prefix + "cache_coalesced",
+            "Requests that waited for an identical request's answer instead of going upstream.",
+            registry=self.registry,
+        )
+        self.upload_dedup = Counter(
+            prefix + "upload_dedup",
+            "Uploads answered with the answer of the same upload earlier (cache.uploads).",
+            registry=self.registry,
+        )
+        for status in ("hit", "miss", "bypass", "stale"):
+            self.cache_requests.labels(status)
         self.body_memory = Gauge(
             prefix + "body_memory_bytes",
             "Request body bytes held in memory for replays or waiting for the spill file "
@@ -218,10 +255,13 @@ class Metrics:
             "bytes_out": sent,
             "duration_s": round(duration, 6),
             "replayed": request.get(REPLAY),
+            "cache": request.get(CACHE),
         }
         log.info(
             "%(method)s %(path)s -> %(status)d, %(bytes_in)d bytes in, %(bytes_out)d bytes out, "
-            "%(duration_s).3f s" + (", replayed: %(replayed)s" if fields["replayed"] else ""),
+            "%(duration_s).3f s"
+            + (", cache: %(cache)s" if fields["cache"] else "")
+            + (", replayed: %(replayed)s" if fields["replayed"] else ""),
             fields,
             extra={"fields": fields},
         )
