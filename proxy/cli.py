@@ -221,9 +221,11 @@ the log below shows the proxy refreshing and replaying. Try, in another terminal
   echo 'hello' > sample.txt
   curl -X POST --data-binary @sample.txt -H 'filename: sample.txt' {base}/v4/file
   curl {base}/v4/file/<data_id from the answer above>
-  curl {base}/v4/hash/<sha256 from the answer above>
+  curl -i {base}/v4/hash/<sha256 from the answer above>
+  curl -i {base}/v4/hash/<the same sha256 again>
 
-None of these carries a credential: the proxy adds the bearer token. Ctrl-C stops the demo.
+None of these carries a credential: the proxy adds the bearer token. The last lookup is
+answered by the quota guard (X-Cache-Status: HIT): it costs no quota. Ctrl-C stops the demo.
 """,
         flush=True,
     )
