@@ -30,10 +30,10 @@ from cachetools import LRUCache, TTLCache
 
 from .body import ReplayableBody
 from .errors import ProxyError
-from .forward import CACHE_STATUS, HOP_BY_HOP, Answer, Captured, Forwarder
+from .forward import CACHE_STATUS, NOT_FORWARDED, Answer, Captured, Forwarder
 from .observe import CACHE, Metrics, request_target
 
-__all__ = ["IGNORED_HEADERS", "SCAN_OPTIONS", "LookupCache"]
+__all__ = ["IGNORED_HEADERS", "LookupCache"]
 
 log = logging.getLogger("mdcloud_proxy.cache")
 
@@ -41,15 +41,12 @@ log = logging.getLogger("mdcloud_proxy.cache")
 _LOOKUP = re.compile(r"^/v4/(?:(hash|ip|domain|cve)/[^/?]+|url/[^?]+)(?:\?|$)")
 _BULK = re.compile(r"^/v4/(?:hash|ip|domain|url)(?:\?|$)")
 _UPLOAD = re.compile(r"^/v4/file(?:\?|$)")
-# Headers that cannot change MetaDefender's answer: who the caller is to the proxy, tracing,
-# the caller's own cache directives, framing. Everything else is part of the key.
-IGNORED_HEADERS = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "expect",
-    "authorization",  # replaced by the proxy's bearer token
+# Headers that cannot change MetaDefender's answer: those never forwarded (framing,
+# hop-by-hop, the caller's Authorization and proxy key), tracing, the caller's own cache
+# directives. Everything else is part of the key; for an upload, every one of them is a scan
+# option (filename, rule, sandbox, archivepwd, ...: README lists them).
+IGNORED_HEADERS = NOT_FORWARDED | {
     "apikey",  # in the key as part of the upstream identity
-    "x-proxy-key",
     "user-agent",
     "cache-control",
     "pragma",
@@ -63,28 +60,7 @@ IGNORED_HEADERS = HOP_BY_HOP | {
     "x-b3-parentspanid",
     "x-b3-sampled",
     "b3",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "x-real-ip",
 }
-# What an upload's answer depends on besides its bytes: every header not ignored, these
-# among them (README names them).
-SCAN_OPTIONS = (
-    "filename",
-    "rule",
-    "sandbox",
-    "sandbox_timeout",
-    "sandbox_browser",
-    "archivepwd",
-    "password",
-    "samplesharing",
-    "privateprocessing",
-    "callbackurl",
-    "downloadfrom",
-)
 _NOT_FOUND = 404003
 _QUOTA_USED_UP = 429000
 _ENTRY_OVERHEAD = 256  # bytes an entry costs besides its body and headers

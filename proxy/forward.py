@@ -21,7 +21,7 @@ from .inbound import KEY_HEADER
 from .observe import REPLAY, SENT, Metrics, request_target
 from .tokens import Token, TokenCache, read_up_to
 
-__all__ = ["CACHE_STATUS", "HOP_BY_HOP", "Answer", "Captured", "Forwarder"]
+__all__ = ["CACHE_STATUS", "HOP_BY_HOP", "NOT_FORWARDED", "Answer", "Captured", "Forwarder"]
 
 # How a cacheable request was answered (MISS, HIT, BYPASS, STALE), as nginx's
 # $upstream_cache_status.
@@ -46,7 +46,7 @@ HOP_BY_HOP = frozenset(
 # Host is the upstream's, framing is aiohttp's, Expect is answered here, Authorization is ours,
 # the proxy key is for the proxy. Forwarding headers would tell a third party about internal
 # addresses, and a caller could spoof them.
-_NOT_FORWARDED = HOP_BY_HOP | {
+NOT_FORWARDED = HOP_BY_HOP | {
     "host",
     "content-length",
     "expect",
@@ -319,7 +319,7 @@ class Forwarder:
         self, request: web.BaseRequest, body: ReplayableBody | None
     ) -> tuple[URL, CIMultiDict[str]]:
         """The upstream URL and headers for ``request`` (the token is added per attempt)."""
-        forwarded = _filtered(request.headers, _NOT_FORWARDED)
+        forwarded = _filtered(request.headers, NOT_FORWARDED)
         not_utf8 = _not_utf8(forwarded)
         if not_utf8 is not None:
             raise ProxyError(
