@@ -14,6 +14,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -27,11 +28,14 @@ from .listener import ENTRY, LISTEN_LIMITS, Entry, Limits, Runner, default_max_c
 from .logs import HTTP_LOG
 from .observe import Metrics, Traffic, readiness
 from .pipeline import Pipeline
+from .quota import QuotaWatch
+from .status import page, status
 from .tokens import ClientCredentials, TokenCache
 
 __all__ = [
     "FORWARDER",
     "METRICS",
+    "QUOTA",
     "TOKENS",
     "TRAFFIC",
     "client_session",
@@ -48,6 +52,9 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 TOKENS = web.AppKey("tokens", TokenCache)
 METRICS = web.AppKey("metrics", Metrics)
 TRAFFIC = web.AppKey("traffic", Traffic)
+QUOTA = web.AppKey("quota", QuotaWatch)
+GUARD = web.AppKey("guard", LookupCache)
+STARTED = web.AppKey("started", float)
 
 # Not '.*': routes match the decoded path, and '.' would not match an encoded newline (%0A).
 ANY_PATH = r"{tail:[\s\S]*}"
@@ -109,12 +116,33 @@ def _ops_routes(
     async def render(_request: web.Request) -> web.Response:
         return app[METRICS].render()
 
+    def state() -> dict[str, Any]:
+        return status(
+            tokens=app[TOKENS],
+            quota=app[QUOTA],
+            cache=app.get(GUARD),
+            metrics=app[METRICS],
+            started=app[STARTED],
+            clock=clock,
+        )
+
+    async def at_a_glance(_request: web.Request) -> web.Response:
+        return web.json_response(state())
+
+    async def glance_page(_request: web.Request) -> web.Response:
+        return page(state())
+
     async def unknown(request: web.Request) -> web.Response:
         return error_response(
             404, 404020, f"{request.path} is not an endpoint of the proxy (/-/ is reserved)"
         )
 
-    routes = [web.get("/-/healthy", healthy), web.get("/-/ready", ready)]
+    routes = [
+        web.get("/-/healthy", healthy),
+        web.get("/-/ready", ready),
+        web.get("/-/status", at_a_glance),
+        web.get("/-/", glance_page),
+    ]
     if metrics:
         routes.append(web.get("/-/metrics", render))
     return [*routes, web.route("*", "/-/" + ANY_PATH, unknown)]
@@ -140,7 +168,7 @@ def create_app(
     )
 
     app = web.Application()
-    app[METRICS], app[TRAFFIC] = metrics, traffic
+    app[METRICS], app[TRAFFIC], app[STARTED] = metrics, traffic, clock()
     # Each connection may also hold an upstream connection (up to the pool's limit) and a
     # spill file: half of what is left after the pool and a reserve.
     reserve = config.upstream_max_connections + RESERVED_FILES
@@ -168,6 +196,7 @@ def create_app(
         )
         metrics.watch(traffic, lambda: tokens.current, clock)
         app[TOKENS] = tokens
+        quota = app[QUOTA] = QuotaWatch(metrics, max_wait=config.throttle_max_wait, clock=clock)
         app[FORWARDER] = Forwarder(
             session=session,
             tokens=tokens,
@@ -177,7 +206,10 @@ def create_app(
             max_body_size=config.max_body_size,
             replay_memory_limit=config.replay_memory_limit,
             replay_memory_total=config.replay_memory_total,
+            quota=quota,
             ssl=tls,
+            clock=clock,
+            sleep=sleep,
         )
         metrics.body_memory.set_function(lambda: app[FORWARDER].budget.used)
         cache = None
@@ -197,6 +229,8 @@ def create_app(
                 upload_ttl=config.cache_upload_ttl,
                 clock=clock,
             )
+        if cache is not None:
+            app[GUARD] = cache
         pipeline: Entry = Pipeline(
             inbound=inbound,
             forwarder=app[FORWARDER],

@@ -125,11 +125,21 @@ class LookupCache:
         self._uploaded: TTLCache[bytes, Answer] = TTLCache(
             maxsize=100_000, ttl=upload_ttl, timer=clock
         )
-        metrics.cache_entries.set_function(lambda: len(self._entries))
-        metrics.cache_bytes.set_function(lambda: self._entries.currsize)
+        metrics.cache_entries.set_function(lambda: self.entries)
+        metrics.cache_bytes.set_function(lambda: self.size)
 
     def __repr__(self) -> str:
         return f"LookupCache(entries={len(self._entries)}, bytes={self._entries.currsize})"
+
+    @property
+    def entries(self) -> int:
+        """How many answers are kept."""
+        return len(self._entries)
+
+    @property
+    def size(self) -> int:
+        """The bytes the kept answers take."""
+        return int(self._entries.currsize)
 
     def wants(self, request: web.BaseRequest) -> bool:
         """Whether ``request`` is one the guard answers (a lookup, or an upload to dedup)."""

@@ -400,6 +400,9 @@ class Config:
     replay_memory_total: int = setting(
         "replay.memory_total", parse_size, 64 * MiB, doc="in memory for all bodies"
     )
+    throttle_max_wait: float = setting(
+        "throttle.max_wait", _seconds, 60.0, doc="how long to wait out throttles (0: never)"
+    )
     cache_enabled: bool = setting(
         "cache.enabled", _boolean, True, doc="the quota guard's lookup cache (--no-cache: off)"
     )

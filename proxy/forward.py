@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from ssl import SSLContext
 
@@ -19,6 +20,7 @@ from .body import MemoryBudget, ReplayableBody
 from .errors import ProxyError, describe
 from .inbound import KEY_HEADER
 from .observe import REPLAY, SENT, Metrics, request_target
+from .quota import USED_UP, QuotaWatch, Throttled, error_code
 from .tokens import Token, TokenCache, read_up_to
 
 __all__ = ["CACHE_STATUS", "HOP_BY_HOP", "NOT_FORWARDED", "Answer", "Captured", "Forwarder"]
@@ -241,7 +243,10 @@ class Forwarder:
         max_body_size: int,
         replay_memory_limit: int,
         replay_memory_total: int,
+        quota: QuotaWatch,
         ssl: SSLContext | bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self._session = session
         self._tokens = tokens
@@ -251,6 +256,9 @@ class Forwarder:
         self._max_body_size = max_body_size
         self._memory_limit = replay_memory_limit
         self.budget = MemoryBudget(replay_memory_total)  # shared by all requests' bodies
+        self._quota = quota
+        self._clock = clock
+        self._sleep = sleep
         self._ssl = ssl
 
     def __repr__(self) -> str:
@@ -285,7 +293,7 @@ class Forwarder:
             body = self.body_of(request)
         try:
             url, headers = self._outgoing(request, body)
-            resp, peeked = await self._exchange(request, url, headers, body)
+            resp, peeked = await self._through_throttles(request, url, headers, body)
             return await self.relay(request, resp, peeked, cache_status)
         finally:
             if own and body is not None:
@@ -299,7 +307,7 @@ class Forwarder:
         A longer answer is left open in the result, with what was read of it, for ``relay``.
         """
         url, headers = self._outgoing(request, body)
-        resp, peeked = await self._exchange(request, url, headers, body)
+        resp, peeked = await self._through_throttles(request, url, headers, body)
         try:
             data = peeked + await read_up_to(resp, max(0, limit - len(peeked)))
             answer_headers = _returned(resp.headers)
@@ -342,6 +350,69 @@ class Forwarder:
             headers["Content-Length"] = str(request.content_length)
         # Raw path and query byte for byte; joining URLs would let '//host/x' pick the host.
         return URL(self._base + request.raw_path, encoded=True), headers
+
+    async def _through_throttles(
+        self,
+        request: web.BaseRequest,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: ReplayableBody | None,
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """``_exchange``, waiting out throttles within ``throttle.max_wait``: a window known
+        to be closed before sending, an announced reset after a 429 (then sent again)."""
+        quota = self._quota
+        deadline = self._clock() + quota.max_wait
+        tries = 0
+        while True:
+            closed = quota.closed_for(request.raw_path)
+            if closed is not None:
+                name, wait = closed
+                if self._clock() + wait > deadline:
+                    self._metrics.throttle_waits.labels(name, "gave_up").inc()
+                    raise Throttled(
+                        f"the {name} throttle reopens in {wait:.0f} s, past throttle.max_wait "
+                        f"({quota.max_wait:.0f} s)",
+                        retry_after=wait,
+                    )
+                await self._wait(request, name, wait, tries)
+            resp, peeked = await self._exchange(request, url, headers, body)
+            if resp.status == 429 and not peeked:
+                try:
+                    peeked = await _peek(resp)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    resp.close()
+                    raise _upstream_failure(exc, url, body) from None
+            code = error_code(peeked) if resp.status == 429 else None
+            quota.seen(request.raw_path, resp.status, resp.headers, code)
+            limit = quota.limit_of(request.raw_path)
+            name = limit.name if limit is not None else "unknown"
+            tries += 1
+            pause = quota.wait_for(resp.status, resp.headers, code, tries, deadline - self._clock())
+            if pause is None:
+                if tries > 1:
+                    outcome = "gave_up" if resp.status == 429 else "ok"
+                    self._metrics.throttle_waits.labels(name, outcome).inc()
+                elif resp.status == 429 and code != USED_UP:
+                    self._metrics.throttle_waits.labels(name, "gave_up").inc()
+                return resp, peeked
+            resp.close()
+            if body is not None:
+                await body.settle_copy()
+                if body.not_replayable is not None:
+                    raise body.not_replayable
+            if tries > 1:
+                self._metrics.throttle_waits.labels(name, "again").inc()
+            await self._wait(request, name, pause, tries)
+
+    async def _wait(self, request: web.BaseRequest, limit: str, seconds: float, tries: int) -> None:
+        log.info(
+            "%s %s: the %s throttle is closed; waiting %.1f s, then sending it again",
+            request.method,
+            request_target(request),
+            limit,
+            seconds,
+        )
+        await self._sleep(seconds)  # a caller who hangs up meanwhile cancels it
 
     async def _exchange(
         self,

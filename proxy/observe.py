@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -171,6 +172,31 @@ class Metrics:
         )
         for status in ("hit", "miss", "bypass", "stale"):
             self.cache_requests.labels(status)
+        self.throttle_waits = Counter(
+            prefix + "throttle_waits",
+            "Waits for a throttle's window, by limit type and outcome (ok: answered after it; "
+            "again: throttled again, waited again; gave_up: passed on, the window too far).",
+            ["limit", "outcome"],
+            registry=self.registry,
+        )
+        self.quota_limit = Gauge(
+            prefix + "quota_limit",
+            "The account's limit per interval, by limit type, as the latest answer said.",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.quota_remaining = Gauge(
+            prefix + "quota_remaining",
+            "Calls left in the interval, by limit type, as the latest answer said.",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.quota_reset = Gauge(
+            prefix + "quota_reset_seconds",
+            "Seconds until the quota's interval resets, by limit type.",
+            ["limit"],
+            registry=self.registry,
+        )
         self.body_memory = Gauge(
             prefix + "body_memory_bytes",
             "Request body bytes held in memory for replays or waiting for the spill file "
@@ -203,6 +229,24 @@ class Metrics:
             return max(0.0, token.expires_at - clock()) if token is not None else 0.0
 
         self.token_expiry.set_function(remaining)
+
+    def watch_limit(self, name: str, limit: Callable[[], Any], clock: Clock) -> None:
+        """Read one limit type's figures (a ``quota.Limit``) when scraped."""
+
+        def figure(attribute: str) -> Callable[[], float]:
+            def read() -> float:
+                value = getattr(limit(), attribute)
+                return float("nan") if value is None else float(value)
+
+            return read
+
+        def reset() -> float:
+            resets_at = limit().resets_at
+            return float("nan") if resets_at is None else max(0.0, resets_at - clock())
+
+        self.quota_limit.labels(name).set_function(figure("limit"))
+        self.quota_remaining.labels(name).set_function(figure("remaining"))
+        self.quota_reset.labels(name).set_function(reset)
 
     def counting(self, fetch: Callable[[], Awaitable[Token]]) -> Callable[[], Awaitable[Token]]:
         """``fetch`` with each call counted by outcome."""
