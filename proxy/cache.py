@@ -17,6 +17,7 @@ query, the body's digest, and every request header but those in ``IGNORED_HEADER
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import logging
@@ -61,6 +62,7 @@ IGNORED_HEADERS = NOT_FORWARDED | {
     "x-b3-sampled",
     "b3",
 }
+UPLOADS_KEPT = 10_000  # answers of uploads remembered for dedup, newest first
 _NOT_FOUND = 404003
 _QUOTA_USED_UP = 429000
 _ENTRY_OVERHEAD = 256  # bytes an entry costs besides its body and headers
@@ -123,7 +125,7 @@ class LookupCache:
         )
         self._inflight: dict[bytes, asyncio.Task[Captured | ProxyError]] = {}
         self._uploaded: TTLCache[bytes, Answer] = TTLCache(
-            maxsize=100_000, ttl=upload_ttl, timer=clock
+            maxsize=UPLOADS_KEPT, ttl=upload_ttl, timer=clock
         )
         metrics.cache_entries.set_function(lambda: self.entries)
         metrics.cache_bytes.set_function(lambda: self.size)
@@ -238,7 +240,9 @@ class LookupCache:
         if isinstance(result, ProxyError):
             if stale is not None:
                 return self._serve(request, stale.answer, "STALE", now - stale.stored_at)
-            raise result
+            # A copy for each waiter: one exception raised again and again would grow its
+            # traceback by every waiter's frames.
+            raise copy.copy(result) from None
         answer = result.answer
         if answer is None:  # too large to keep: its first caller streams it, others ask again
             if leader and result.open is not None:

@@ -10,6 +10,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import serve
+
 from .conftest import API_KEY, api_requests, scrape
 
 HASH = "6a5c19d9ffed3a6f9d0fbf94e0cce6ac5d2a6c9d8d4d0b2f9c1e7b2a0f5e4d3c"
@@ -268,3 +270,21 @@ async def test_uploads_are_not_deduplicated_by_default(sim, proxy, client):
         async with client.post(proxy.url + "/v4/file", data=b"same") as resp:
             assert resp.status == 200 and "X-Cache-Status" not in resp.headers
     assert sum(r.raw_path == "/v4/file" for r in api_requests(sim)) == 2
+
+
+async def test_stale_answer_when_the_upstream_refuses_connections(proxy_before, client, clock):
+    upstream = Lookups()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        return await upstream(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = await serve(app, "127.0.0.1", 0)
+    proxy = await proxy_before(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    url = f"{proxy.url}/v4/hash/{HASH}"
+    _, _, fresh = await get(client, url)
+    await runner.cleanup()  # nothing listens there any more
+    clock.advance(15 * 60 + 1)
+    status, headers, body = await get(client, url)
+    assert (status, headers["X-Cache-Status"], body) == (200, "STALE", fresh)
