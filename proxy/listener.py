@@ -185,6 +185,10 @@ class _Connection(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        if not data:  # aiohttp resuming its parser (resume_reading): nothing arrived
+            super().data_received(data)
+            self._count_parsed(self._loop.time())
+            return
         now = self._loop.time()
         self._last_read = now
         if self._body is None or self._body.is_eof():  # a request head, not a body

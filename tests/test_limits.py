@@ -115,6 +115,22 @@ async def test_an_idle_kept_alive_connection_is_closed(make_proxy):
     assert closed_total(proxy, "idle_timeout") == 1
 
 
+async def test_after_a_body_an_idle_connection_gets_the_idle_timeout(make_proxy):
+    """aiohttp calls data_received(b"") when it resumes reading: that is no new request."""
+    proxy = await make_proxy(**{"listen.header_timeout": 0.3, "listen.idle_timeout": 1.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"POST /v4/file HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\na=b")
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    _, closed = await read_all(reader, 3.0)
+    writer.close()
+    assert closed and time.monotonic() - started > 1.0
+    assert closed_total(proxy, "header_timeout") == 0
+    assert closed_total(proxy, "idle_timeout") == 1
+
+
 async def test_past_max_connections_a_quick_503_then_recovery(make_proxy, client):
     proxy = await make_proxy(**{"listen.max_connections": 5})
     held = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(5)]
