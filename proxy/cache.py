@@ -182,9 +182,7 @@ class LookupCache:
             flight = self._inflight.get(key)
             leader = flight is None
             if flight is None:
-                flight = asyncio.create_task(self._fetch(request, key, body))
-                self._inflight[key] = flight
-                flight.add_done_callback(lambda _: self._inflight.pop(key, None))
+                flight = self._fly(request, key, body, self._store)
                 handed = True
             else:
                 self._metrics.cache_coalesced.inc()
@@ -192,6 +190,19 @@ class LookupCache:
         finally:
             if body is not None and not handed:
                 body.close()
+
+    def _fly(
+        self,
+        request: web.BaseRequest,
+        key: bytes,
+        body: ReplayableBody | None,
+        store: Callable[[bytes, Answer], None],
+    ) -> asyncio.Task[Captured | ProxyError]:
+        """Send ``request`` upstream for everybody who asks for ``key`` meanwhile."""
+        flight = asyncio.create_task(self._fetch(request, key, body, store))
+        self._inflight[key] = flight
+        flight.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return flight
 
     def key(self, request: web.BaseRequest, body_digest: str) -> bytes:
         """The digest two requests share exactly when MetaDefender gives them one answer."""
@@ -252,11 +263,17 @@ class LookupCache:
             return self._serve(request, stale.answer, "STALE", now - stale.stored_at)
         if not leader:
             return self._serve(request, answer, "HIT", 0.0)
-        status = "MISS" if key in self._entries else "BYPASS"
-        return self._serve(request, answer, status, None)
+        entry = self._entries.get(key)
+        stored = entry is not None and entry.answer is answer
+        stored = stored or self._uploaded.get(key) is answer
+        return self._serve(request, answer, "MISS" if stored else "BYPASS", None)
 
     async def _fetch(
-        self, request: web.BaseRequest, key: bytes, body: ReplayableBody | None
+        self,
+        request: web.BaseRequest,
+        key: bytes,
+        body: ReplayableBody | None,
+        store: Callable[[bytes, Answer], None],
     ) -> Captured | ProxyError:
         try:
             captured = await self._forwarder.capture(request, self._max_entry_size, body)
@@ -266,7 +283,7 @@ class LookupCache:
             if body is not None:
                 body.close()
         if captured.answer is not None:
-            self._store(key, captured.answer)
+            store(key, captured.answer)
         return captured
 
     def _failed(self, answer: Answer) -> bool:
@@ -313,25 +330,29 @@ class LookupCache:
         body = self._forwarder.body_of(request)
         if body is None:
             return await self._bypass(request)
+        handed = False  # the upload that goes upstream hands its flight its body
         try:
             key = self.key(request, await body.read_all())
             earlier = self._uploaded.get(key)
-            if earlier is not None:
+            flight = self._inflight.get(key)
+            if earlier is not None or flight is not None:
+                # The same bytes and scan options, uploaded before or right now.
                 self._metrics.upload_dedup.inc()
-                log.info(
-                    "%s: the same upload as before: its earlier answer", request_target(request)
-                )
+                log.info("%s: the same upload as another: its answer", request_target(request))
+            if earlier is not None:
                 return self._serve(request, earlier, "HIT", None)
-            captured = await self._forwarder.capture(request, self._max_entry_size, body)
-            if captured.answer is None:
-                assert captured.open is not None
-                return await self._forwarder.relay(request, captured.open, captured.start, "MISS")
-            answer = captured.answer
-            if answer.status == 200 and b'"data_id"' in answer.body:
-                self._uploaded[key] = answer
-            return self._serve(request, answer, "MISS", None)
+            leader = flight is None
+            if flight is None:
+                flight = self._fly(request, key, body, self._remember_upload)
+                handed = True
+            return await self._answer(request, key, flight, leader, None)
         finally:
-            body.close()
+            if not handed:
+                body.close()
+
+    def _remember_upload(self, key: bytes, answer: Answer) -> None:
+        if answer.status == 200 and b'"data_id"' in answer.body:
+            self._uploaded[key] = answer
 
 
 def _close_unread(flight: asyncio.Task[Captured | ProxyError]) -> None:

@@ -288,3 +288,18 @@ async def test_stale_answer_when_the_upstream_refuses_connections(proxy_before, 
     clock.advance(15 * 60 + 1)
     status, headers, body = await get(client, url)
     assert (status, headers["X-Cache-Status"], body) == (200, "STALE", fresh)
+
+
+async def test_identical_uploads_at_once_go_upstream_once(sim, make_proxy, client):
+    proxy = await make_proxy(**{"cache.uploads": True})
+
+    async def upload() -> str:
+        async with client.post(
+            proxy.url + "/v4/file", data=b"one attachment, four analyzers\n"
+        ) as resp:
+            assert resp.status == 200
+            return (await resp.json())["data_id"]
+
+    data_ids = await asyncio.gather(*(upload() for _ in range(4)))
+    assert len(set(data_ids)) == 1
+    assert sum(r.raw_path == "/v4/file" for r in api_requests(sim)) == 1
