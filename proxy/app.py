@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from .cache import LookupCache
 from .config import Config
 from .errors import error_response
 from .forward import Forwarder
@@ -25,12 +28,15 @@ from .listener import ENTRY, LISTEN_LIMITS, Entry, Limits, Runner, default_max_c
 from .logs import HTTP_LOG
 from .observe import Metrics, Traffic, readiness
 from .pipeline import Pipeline
+from .quota import QuotaWatch
 from .route import Route
+from .status import page, status
 from .tokens import ClientCredentials, TokenCache
 
 __all__ = [
     "FORWARDER",
     "METRICS",
+    "QUOTA",
     "TOKENS",
     "TRAFFIC",
     "client_session",
@@ -48,6 +54,9 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 TOKENS = web.AppKey("tokens", TokenCache)
 METRICS = web.AppKey("metrics", Metrics)
 TRAFFIC = web.AppKey("traffic", Traffic)
+QUOTA = web.AppKey("quota", QuotaWatch)
+GUARD = web.AppKey("guard", LookupCache)
+STARTED = web.AppKey("started", float)
 
 # Not '.*': routes match the decoded path, and '.' would not match an encoded newline (%0A).
 ANY_PATH = r"{tail:[\s\S]*}"
@@ -116,12 +125,33 @@ def _ops_routes(
     async def render(_request: web.Request) -> web.Response:
         return app[METRICS].render()
 
+    def state() -> dict[str, Any]:
+        return status(
+            tokens=app[TOKENS],
+            quota=app[QUOTA],
+            cache=app.get(GUARD),
+            metrics=app[METRICS],
+            started=app[STARTED],
+            clock=clock,
+        )
+
+    async def at_a_glance(_request: web.Request) -> web.Response:
+        return web.json_response(state())
+
+    async def glance_page(_request: web.Request) -> web.Response:
+        return page(state())
+
     async def unknown(request: web.Request) -> web.Response:
         return error_response(
             404, 404020, f"{request.path} is not an endpoint of the proxy (/-/ is reserved)"
         )
 
-    routes = [web.get("/-/healthy", healthy), web.get("/-/ready", ready)]
+    routes = [
+        web.get("/-/healthy", healthy),
+        web.get("/-/ready", ready),
+        web.get("/-/status", at_a_glance),
+        web.get("/-/", glance_page),
+    ]
     if metrics:
         routes.append(web.get("/-/metrics", render))
     return [*routes, web.route("*", "/-/" + ANY_PATH, unknown)]
@@ -147,7 +177,7 @@ def create_app(
     )
 
     app = web.Application()
-    app[METRICS], app[TRAFFIC] = metrics, traffic
+    app[METRICS], app[TRAFFIC], app[STARTED] = metrics, traffic, clock()
     # Each connection may also hold an upstream connection (up to the pool's limit) and a
     # spill file: half of what is left after the pool and a reserve.
     reserve = config.upstream_max_connections + RESERVED_FILES
@@ -182,6 +212,7 @@ def create_app(
         )
         metrics.watch(traffic, lambda: tokens.current, clock)
         app[TOKENS] = tokens
+        quota = app[QUOTA] = QuotaWatch(metrics, max_wait=config.throttle_max_wait, clock=clock)
         app[FORWARDER] = Forwarder(
             session=session,
             tokens=tokens,
@@ -191,13 +222,36 @@ def create_app(
             max_body_size=config.max_body_size,
             replay_memory_limit=config.replay_memory_limit,
             replay_memory_total=config.replay_memory_total,
+            quota=quota,
             ssl=tls,
             route=route,
+            clock=clock,
+            sleep=sleep,
         )
         metrics.body_memory.set_function(lambda: app[FORWARDER].budget.used)
+        cache = None
+        if config.cache_enabled:
+            identity = f"{config.token_url}\0{config.client_id}"
+            cache = LookupCache(
+                forwarder=app[FORWARDER],
+                metrics=metrics,
+                identity=hashlib.sha256(identity.encode()).hexdigest(),
+                api_key=config.api_key,
+                ttl=config.cache_ttl,
+                miss_ttl=config.cache_miss_ttl,
+                stale_ttl=config.cache_stale_ttl,
+                max_size=config.cache_max_size,
+                max_entry_size=config.cache_max_entry_size,
+                uploads=config.cache_uploads,
+                upload_ttl=config.cache_upload_ttl,
+                clock=clock,
+            )
+        if cache is not None:
+            app[GUARD] = cache
         pipeline: Entry = Pipeline(
             inbound=inbound,
             forwarder=app[FORWARDER],
+            cache=cache,
             metrics=metrics,
             traffic=traffic,
             max_body_size=config.max_body_size,

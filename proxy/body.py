@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import tempfile
@@ -239,6 +240,19 @@ class ReplayableBody:
             raise self.error
         await self._capture(chunk)
         return chunk
+
+    async def read_all(self) -> str:
+        """Take the whole body from the caller before any attempt (into the copy), and
+        return its sha256; the attempts then send the copy. Raises the BodyError of a body
+        too large, broken off, or whose copy could not be kept."""
+        digest = hashlib.sha256()
+        async with self._lock:
+            while not self._eof:
+                digest.update(await self._read_source())
+        await self.settle_copy()
+        if self.not_replayable is not None:
+            raise self.not_replayable
+        return digest.hexdigest()
 
     async def settle_copy(self) -> None:
         """Wait for the copy to be written; a failure makes the body not replayable."""

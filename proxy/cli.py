@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(parser, None)
     _add_flags(parser, None, common=False)
     parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="turn the quota guard's lookup cache off (cache.enabled: false)",
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help="run in front of the built-in MetaDefender simulator with short-lived tokens",
@@ -317,9 +322,11 @@ the log below shows the proxy refreshing and replaying. Try, in another terminal
   echo 'hello' > sample.txt
   curl -X POST --data-binary @sample.txt -H 'filename: sample.txt' {base}/v4/file
   curl {base}/v4/file/<data_id from the answer above>
-  curl {base}/v4/hash/<sha256 from the answer above>
+  curl -i {base}/v4/hash/<sha256 from the answer above>
+  curl -i {base}/v4/hash/<the same sha256 again>
 
-None of these carries a credential: the proxy adds the bearer token. Ctrl-C stops the demo.
+None of these carries a credential: the proxy adds the bearer token. The last lookup is
+answered by the quota guard (X-Cache-Status: HIT): it costs no quota. Ctrl-C stops the demo.
 """,
         flush=True,
     )
@@ -340,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     flags = {spec.key: getattr(args, spec.key, None) for spec in KEYS.values() if spec.flag}
+    if getattr(args, "no_cache", False):
+        flags["cache.enabled"] = False
     if args.command == "simulator" or args.demo:
         level, format_ = flags["log.level"], flags["log.format"]
         setup_logging(str(level or Config.log_level), str(format_ or Config.log_format))

@@ -438,6 +438,31 @@ class Config:
     admin_tls_key_file: str | None = setting(
         "admin.tls_key_file", _text, None, doc="PEM private key of admin.tls_cert_file"
     )
+    throttle_max_wait: float = setting(
+        "throttle.max_wait", _seconds, 60.0, doc="how long to wait out throttles (0: never)"
+    )
+    cache_enabled: bool = setting(
+        "cache.enabled", _boolean, True, doc="the quota guard's lookup cache (--no-cache: off)"
+    )
+    cache_ttl: float = setting("cache.ttl", _seconds, 900.0, doc="lifetime of a lookup answer")
+    cache_miss_ttl: float = setting(
+        "cache.miss_ttl", _seconds, 120.0, doc='lifetime of a "not found" (404003)'
+    )
+    cache_stale_ttl: float = setting(
+        "cache.stale_ttl", _seconds, 86400.0, doc="how long past its lifetime an answer is served"
+    )
+    cache_max_size: int = setting(
+        "cache.max_size", parse_size, 64 * MiB, doc="all cached answers together"
+    )
+    cache_max_entry_size: int = setting(
+        "cache.max_entry_size", parse_size, 1 * MiB, doc="larger answers and bulk bodies pass"
+    )
+    cache_uploads: bool = setting(
+        "cache.uploads", _boolean, False, doc="answer a repeated upload with its earlier answer"
+    )
+    cache_upload_ttl: float = setting(
+        "cache.upload_ttl", _seconds, 86400.0, doc="how long an upload's answer is remembered"
+    )
     # Not settings: where the outbound proxy may come from besides upstream.proxy, read by
     # load_config, so that the route depends on what it was given, never on os.environ later.
     proxy_environment: tuple[tuple[str, str], ...] = field(default=(), repr=False)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from ssl import SSLContext
 
 import aiohttp
@@ -17,10 +20,15 @@ from .body import MemoryBudget, ReplayableBody
 from .errors import SERVER, SERVER_NAME, ProxyError, describe
 from .inbound import KEY_HEADER
 from .observe import REPLAY, SENT, Metrics, request_target
+from .quota import USED_UP, QuotaWatch, Throttled, error_code
 from .route import Hop, Route, proxy_failure
-from .tokens import Token, TokenCache
+from .tokens import Token, TokenCache, read_up_to
 
-__all__ = ["HOP_BY_HOP", "Forwarder"]
+__all__ = ["CACHE_STATUS", "HOP_BY_HOP", "NOT_FORWARDED", "Answer", "Captured", "Forwarder"]
+
+# How a cacheable request was answered (MISS, HIT, BYPASS, STALE), as nginx's
+# $upstream_cache_status.
+CACHE_STATUS = "X-Cache-Status"
 
 log = logging.getLogger("mdcloud_proxy.forward")
 
@@ -41,7 +49,7 @@ HOP_BY_HOP = frozenset(
 # Host is the upstream's, framing is aiohttp's, Expect is answered here, Authorization is ours,
 # the proxy key is for the proxy. Forwarding headers would tell a third party about internal
 # addresses, and a caller could spoof them.
-_NOT_FORWARDED = HOP_BY_HOP | {
+NOT_FORWARDED = HOP_BY_HOP | {
     "host",
     "content-length",
     "expect",
@@ -187,6 +195,46 @@ def _upstream_failure(
     )
 
 
+def _returned(headers: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The answer's headers that go on to the caller; ProxyError if one cannot."""
+    returned = _filtered(headers, _NOT_RETURNED)
+    not_utf8 = _not_utf8(returned)
+    if not_utf8 is not None:
+        raise ProxyError(
+            f"upstream answer header {not_utf8} is not valid UTF-8; "
+            "it cannot be passed on unaltered",
+            status=502,
+            code=502005,
+        )
+    return returned
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An upstream answer read whole: what a cache keeps and serves again."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def response(self, extra: Mapping[str, str]) -> web.Response:
+        """The answer for a caller, with ``extra`` headers."""
+        answer = web.Response(status=self.status, reason=self.reason, body=self.body)
+        answer.headers.extend(self.headers)
+        answer.headers.update(extra)
+        return answer
+
+
+@dataclass(frozen=True)
+class Captured:
+    """What ``Forwarder.capture`` got: the whole answer, or one too long, still open."""
+
+    answer: Answer | None
+    open: aiohttp.ClientResponse | None
+    start: bytes
+
+
 class Forwarder:
     """Forwards a request to the one upstream with a bearer token: builds the outgoing
     request, sends it, replays it once if the token was refused, relays the answer."""
@@ -202,8 +250,11 @@ class Forwarder:
         max_body_size: int,
         replay_memory_limit: int,
         replay_memory_total: int,
+        quota: QuotaWatch,
         ssl: SSLContext | bool = True,
         route: Route | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self._session = session
         self._tokens = tokens
@@ -213,6 +264,9 @@ class Forwarder:
         self._max_body_size = max_body_size
         self._memory_limit = replay_memory_limit
         self.budget = MemoryBudget(replay_memory_total)  # shared by all requests' bodies
+        self._quota = quota
+        self._clock = clock
+        self._sleep = sleep
         self._ssl = ssl
         # One upstream: its route is decided once.
         self._hop = (route or Route())(URL(self._base))
@@ -221,37 +275,70 @@ class Forwarder:
     def __repr__(self) -> str:
         return f"Forwarder(upstream_url={self._base!r})"
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    def body_of(self, request: web.BaseRequest) -> ReplayableBody | None:
+        """The caller's body, replayable (None for a request without one)."""
+        if not request.body_exists:
+            return None
+        return ReplayableBody(
+            request.content,
+            memory_limit=self._memory_limit,
+            max_size=self._max_body_size,
+            budget=self.budget,
+        )
+
+    async def __call__(
+        self,
+        request: web.BaseRequest,
+        *,
+        body: ReplayableBody | None = None,
+        cache_status: str | None = None,
+    ) -> web.StreamResponse:
         """Forward one admitted request and relay its answer.
 
-        Raises ProxyError for a failure before anything was sent to the caller; a failure
-        after that aborts the caller's connection.
+        ``body`` is the caller's body when a step before has taken it (the caller's own);
+        ``cache_status`` becomes the answer's X-Cache-Status. Raises ProxyError for a failure
+        before anything was sent to the caller; a failure after that aborts its connection.
         """
-        body = None
-        if request.body_exists:
-            body = ReplayableBody(
-                request.content,
-                memory_limit=self._memory_limit,
-                max_size=self._max_body_size,
-                budget=self.budget,
-            )
+        own = body is None
+        if own:
+            body = self.body_of(request)
         try:
             url, headers = self._outgoing(request, body)
-            resp, peeked = await self._exchange(request, url, headers, body)
-            try:
-                return await self._relay(request, resp, peeked)
-            finally:
-                # Back to the pool when the answer was read to the end, closed otherwise.
-                resp.release()
+            resp, peeked = await self._through_throttles(request, url, headers, body)
+            return await self.relay(request, resp, peeked, cache_status)
         finally:
-            if body is not None:
+            if own and body is not None:
                 body.close()
+
+    async def capture(
+        self, request: web.BaseRequest, limit: int, body: ReplayableBody | None = None
+    ) -> Captured:
+        """Forward ``request`` and read its answer whole, if it has at most ``limit`` bytes.
+
+        A longer answer is left open in the result, with what was read of it, for ``relay``.
+        """
+        url, headers = self._outgoing(request, body)
+        resp, peeked = await self._through_throttles(request, url, headers, body)
+        try:
+            data = peeked + await read_up_to(resp, max(0, limit - len(peeked)))
+            answer_headers = _returned(resp.headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp.close()
+            raise _upstream_failure(exc, url, body, self._hop) from None
+        except ProxyError:
+            resp.close()
+            raise
+        if len(data) > limit:
+            return Captured(None, resp, data)
+        resp.release()
+        answer = Answer(resp.status, resp.reason or "", answer_headers, data)
+        return Captured(answer, None, b"")
 
     def _outgoing(
         self, request: web.BaseRequest, body: ReplayableBody | None
     ) -> tuple[URL, CIMultiDict[str]]:
         """The upstream URL and headers for ``request`` (the token is added per attempt)."""
-        forwarded = _filtered(request.headers, _NOT_FORWARDED)
+        forwarded = _filtered(request.headers, NOT_FORWARDED)
         not_utf8 = _not_utf8(forwarded)
         if not_utf8 is not None:
             raise ProxyError(
@@ -274,6 +361,69 @@ class Forwarder:
             headers["Content-Length"] = str(request.content_length)
         # Raw path and query byte for byte; joining URLs would let '//host/x' pick the host.
         return URL(self._base + request.raw_path, encoded=True), headers
+
+    async def _through_throttles(
+        self,
+        request: web.BaseRequest,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: ReplayableBody | None,
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """``_exchange``, waiting out throttles within ``throttle.max_wait``: a window known
+        to be closed before sending, an announced reset after a 429 (then sent again)."""
+        quota = self._quota
+        deadline = self._clock() + quota.max_wait
+        tries = 0
+        while True:
+            closed = quota.closed_for(request.raw_path)
+            if closed is not None:
+                name, wait = closed
+                if self._clock() + wait > deadline:
+                    self._metrics.throttle_waits.labels(name, "gave_up").inc()
+                    raise Throttled(
+                        f"the {name} throttle reopens in {wait:.0f} s, past throttle.max_wait "
+                        f"({quota.max_wait:.0f} s)",
+                        retry_after=wait,
+                    )
+                await self._wait(request, name, wait, tries)
+            resp, peeked = await self._exchange(request, url, headers, body)
+            if resp.status == 429 and not peeked:
+                try:
+                    peeked = await _peek(resp)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    resp.close()
+                    raise _upstream_failure(exc, url, body, self._hop) from None
+            code = error_code(peeked) if resp.status == 429 else None
+            quota.seen(request.raw_path, resp.status, resp.headers, code)
+            limit = quota.limit_of(request.raw_path)
+            name = limit.name if limit is not None else "unknown"
+            tries += 1
+            pause = quota.wait_for(resp.status, resp.headers, code, tries, deadline - self._clock())
+            if pause is None:
+                if tries > 1:
+                    outcome = "gave_up" if resp.status == 429 else "ok"
+                    self._metrics.throttle_waits.labels(name, outcome).inc()
+                elif resp.status == 429 and code != USED_UP:
+                    self._metrics.throttle_waits.labels(name, "gave_up").inc()
+                return resp, peeked
+            resp.close()
+            if body is not None:
+                await body.settle_copy()
+                if body.not_replayable is not None:
+                    raise body.not_replayable
+            if tries > 1:
+                self._metrics.throttle_waits.labels(name, "again").inc()
+            await self._wait(request, name, pause, tries)
+
+    async def _wait(self, request: web.BaseRequest, limit: str, seconds: float, tries: int) -> None:
+        log.info(
+            "%s %s: the %s throttle is closed; waiting %.1f s, then sending it again",
+            request.method,
+            request_target(request),
+            limit,
+            seconds,
+        )
+        await self._sleep(seconds)  # a caller who hangs up meanwhile cancels it
 
     async def _exchange(
         self,
@@ -352,23 +502,34 @@ class Forwarder:
         self._metrics.upstream_latency.observe(time.monotonic() - started)
         return resp
 
-    async def _relay(
-        self, request: web.BaseRequest, resp: aiohttp.ClientResponse, peeked: bytes
+    async def relay(
+        self,
+        request: web.BaseRequest,
+        resp: aiohttp.ClientResponse,
+        peeked: bytes,
+        cache_status: str | None = None,
     ) -> web.StreamResponse:
-        """Stream the upstream answer to the caller; abort the connection if it breaks off."""
-        headers = _filtered(resp.headers, _NOT_RETURNED)
-        not_utf8 = _not_utf8(headers)
-        if not_utf8 is not None:
-            raise ProxyError(
-                f"upstream answer header {not_utf8} is not valid UTF-8; "
-                "it cannot be passed on unaltered",
-                status=502,
-                code=502005,
-            )
+        """Stream the upstream answer to the caller (``peeked``: what was read of it already),
+        then release it; abort the caller's connection if it breaks off."""
+        try:
+            return await self._stream(request, resp, peeked, cache_status)
+        finally:
+            # Back to the pool when the answer was read to the end, closed otherwise.
+            resp.release()
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        resp: aiohttp.ClientResponse,
+        peeked: bytes,
+        cache_status: str | None,
+    ) -> web.StreamResponse:
         out = _Relayed(status=resp.status, reason=resp.reason)
-        out.headers.extend(headers)
+        out.headers.extend(_returned(resp.headers))
         if SERVER not in out.headers:
             out.headers[SERVER] = SERVER_NAME  # not aiohttp's default, which names versions
+        if cache_status is not None:
+            out.headers[CACHE_STATUS] = cache_status
         out.content_length = resp.content_length
         await out.prepare(request)
         request[SENT] = 0

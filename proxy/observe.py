@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -24,7 +25,16 @@ from .errors import TokenError, error_response
 from .listener import CLOSE_REASONS
 from .tokens import Token, TokenCache
 
-__all__ = ["CALLER_GONE", "REPLAY", "SENT", "Metrics", "Traffic", "readiness", "request_target"]
+__all__ = [
+    "CACHE",
+    "CALLER_GONE",
+    "REPLAY",
+    "SENT",
+    "Metrics",
+    "Traffic",
+    "readiness",
+    "request_target",
+]
 
 log = logging.getLogger("mdcloud_proxy.access")
 Clock = Callable[[], float]
@@ -33,6 +43,8 @@ Clock = Callable[[], float]
 # relayed (a streamed answer's own counters include headers and chunk framing).
 REPLAY = web.RequestKey("replay", str)
 SENT = web.RequestKey("sent", int)
+# Set by the quota guard: how a cacheable request was answered (X-Cache-Status).
+CACHE = web.RequestKey("cache", str)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # nginx's code for "the caller closed the connection before the answer was sent".
 CALLER_GONE = 499
@@ -134,6 +146,57 @@ class Metrics:
             "Response body bytes sent to callers.",
             registry=self.registry,
         )
+        self.cache_requests = Counter(
+            prefix + "cache_requests",
+            "Requests on cacheable routes, by how they were answered (hit, miss, bypass, stale).",
+            ["status"],
+            registry=self.registry,
+        )
+        self.cache_entries = Gauge(
+            prefix + "cache_entries", "Lookup answers in the cache.", registry=self.registry
+        )
+        self.cache_bytes = Gauge(
+            prefix + "cache_bytes",
+            "Bytes the cached answers take (bodies and headers; at most cache.max_size).",
+            registry=self.registry,
+        )
+        self.cache_coalesced = Counter(
+            prefix + "cache_coalesced",
+            "Requests that waited for an identical request's answer instead of going upstream.",
+            registry=self.registry,
+        )
+        self.upload_dedup = Counter(
+            prefix + "upload_dedup",
+            "Uploads answered with the answer of the same upload earlier (cache.uploads).",
+            registry=self.registry,
+        )
+        for status in ("hit", "miss", "bypass", "stale"):
+            self.cache_requests.labels(status)
+        self.throttle_waits = Counter(
+            prefix + "throttle_waits",
+            "Waits for a throttle's window, by limit type and outcome (ok: answered after it; "
+            "again: throttled again, waited again; gave_up: passed on, the window too far).",
+            ["limit", "outcome"],
+            registry=self.registry,
+        )
+        self.quota_limit = Gauge(
+            prefix + "quota_limit",
+            "The account's limit per interval, by limit type, as the latest answer said.",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.quota_remaining = Gauge(
+            prefix + "quota_remaining",
+            "Calls left in the interval, by limit type, as the latest answer said.",
+            ["limit"],
+            registry=self.registry,
+        )
+        self.quota_reset = Gauge(
+            prefix + "quota_reset_seconds",
+            "Seconds until the quota's interval resets, by limit type.",
+            ["limit"],
+            registry=self.registry,
+        )
         self.body_memory = Gauge(
             prefix + "body_memory_bytes",
             "Request body bytes held in memory for replays or waiting for the spill file "
@@ -166,6 +229,24 @@ class Metrics:
             return max(0.0, token.expires_at - clock()) if token is not None else 0.0
 
         self.token_expiry.set_function(remaining)
+
+    def watch_limit(self, name: str, limit: Callable[[], Any], clock: Clock) -> None:
+        """Read one limit type's figures (a ``quota.Limit``) when scraped."""
+
+        def figure(attribute: str) -> Callable[[], float]:
+            def read() -> float:
+                value = getattr(limit(), attribute)
+                return float("nan") if value is None else float(value)
+
+            return read
+
+        def reset() -> float:
+            resets_at = limit().resets_at
+            return float("nan") if resets_at is None else max(0.0, resets_at - clock())
+
+        self.quota_limit.labels(name).set_function(figure("limit"))
+        self.quota_remaining.labels(name).set_function(figure("remaining"))
+        self.quota_reset.labels(name).set_function(reset)
 
     def counting(self, fetch: Callable[[], Awaitable[Token]]) -> Callable[[], Awaitable[Token]]:
         """``fetch`` with each call counted by outcome."""
@@ -218,10 +299,13 @@ class Metrics:
             "bytes_out": sent,
             "duration_s": round(duration, 6),
             "replayed": request.get(REPLAY),
+            "cache": request.get(CACHE),
         }
         log.info(
             "%(method)s %(path)s -> %(status)d, %(bytes_in)d bytes in, %(bytes_out)d bytes out, "
-            "%(duration_s).3f s" + (", replayed: %(replayed)s" if fields["replayed"] else ""),
+            "%(duration_s).3f s"
+            + (", cache: %(cache)s" if fields["cache"] else "")
+            + (", replayed: %(replayed)s" if fields["replayed"] else ""),
             fields,
             extra={"fields": fields},
         )

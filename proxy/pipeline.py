@@ -2,8 +2,9 @@
 
 The proxy's own ``/-/`` endpoints go to the application's router. Any other request is
 accounted for (in flight, metrics, one log line), admitted (who asks, then what is asked),
-asked for its body (100 Continue), forwarded, and any failure on the way turned into an
-answer by ``failure``. A new step (a cache lookup, a throttle wait) is one more line here.
+asked for its body (100 Continue), answered by the quota guard if it is a lookup it keeps,
+else forwarded; any failure on the way is turned into an answer by ``failure``. A new step
+(a throttle wait, say) is one more line here.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from .cache import LookupCache
 from .errors import ProxyError, error_response
 from .forward import Forwarder
 from .inbound import InboundGuard
@@ -40,12 +42,14 @@ class Pipeline:
         *,
         inbound: InboundGuard,
         forwarder: Forwarder,
+        cache: LookupCache | None,
         metrics: Metrics,
         traffic: Traffic,
         max_body_size: int,
     ) -> None:
         self._inbound = inbound
         self._forwarder = forwarder
+        self._cache = cache
         self._metrics = metrics
         self._traffic = traffic
         self._max_body_size = max_body_size
@@ -85,6 +89,8 @@ class Pipeline:
             if request.version >= aiohttp.HttpVersion11:
                 await request.writer.write(_CONTINUE)
         try:
+            if self._cache is not None and self._cache.wants(request):
+                return await self._cache(request)  # the quota guard: lookups cost quota once
             return await self._forwarder(request)
         except ProxyError as exc:
             return failure(request, exc)

@@ -304,6 +304,7 @@ class TokenCache:
         self._error: TokenError | None = None
         self._next_attempt = float("-inf")
         self.failing_since: float | None = None  # wall-clock time of the first failure in a row
+        self.refreshed_at: float | None = None  # wall-clock time of the latest token
 
     def __repr__(self) -> str:
         return f"TokenCache(identity={self._identity!r}, failures={self._failures})"
@@ -409,6 +410,7 @@ class TokenCache:
         finally:
             self._inflight = None
         self._token, self._stale_at = token, self._refresh_at(token)
+        self.refreshed_at = time.time()
         self._failures, self._error, self._next_attempt = 0, None, float("-inf")
         self.failing_since = None
         short_lived, self._short_lived = self._short_lived, token.lifetime < self._min_interval

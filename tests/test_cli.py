@@ -59,6 +59,9 @@ async def test_demo_works_without_an_account(client):
             answer = await resp.json()
         async with client.get(base + "/v4/hash/" + answer["sha256"]) as resp:
             assert (await resp.json())["file_info"]["display_name"] == "s.txt"
+            assert resp.headers["X-Cache-Status"] == "MISS"
+        async with client.get(base + "/v4/hash/" + answer["sha256"]) as resp:
+            assert resp.headers["X-Cache-Status"] == "HIT"  # the demo's repeated lookup
     finally:
         assert await stop(proc, signal.SIGINT) == 0
 

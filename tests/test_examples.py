@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import CONFIG_ENV, KEYS, Config, load_config
 
@@ -74,3 +78,41 @@ def test_image_defaults_are_a_valid_configuration():
         assert allowed(inside), inside
     for outside in ("8.8.8.8", "203.0.113.9", "2001:db8::1"):
         assert not allowed(outside), outside
+
+
+async def test_the_grafana_dashboard_asks_only_for_metrics_the_proxy_exports(proxy, client):
+    dashboard = json.loads((ROOT / "examples/grafana-dashboard.json").read_text())
+    assert dashboard["schemaVersion"] >= 39
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "DS_PROMETHEUS"]
+    assert (variable["type"], variable["query"]) == ("datasource", "prometheus")
+
+    def queries(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("expr", "query", "definition") and isinstance(value, str):
+                    yield value
+                else:
+                    yield from queries(value)
+        elif isinstance(node, list):
+            for each in node:
+                yield from queries(each)
+
+    asked = {
+        name
+        for query in queries(dashboard)
+        for name in re.findall(r"\b(?:mdcloud_proxy|process)_[a-z_]+", query)
+    }
+    async with client.get(proxy.url + "/-/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    exported = {
+        family.name + suffix
+        for family in text_string_to_metric_families(text)
+        for suffix in suffixes.get(family.type, ("",))
+    }
+    assert "mdcloud_proxy_throttle_waits_total" in asked and len(asked) > 15
+    assert asked <= exported, sorted(asked - exported)
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]

@@ -1,0 +1,363 @@
+"""The quota guard: each lookup answer costs the account's quota once.
+
+Lookups whose answer depends on nothing but the request (hash, IP, domain, URL and CVE
+reputation, and their bulk forms) are kept for ``cache.ttl`` (a "not found" for
+``cache.miss_ttl``); identical lookups in flight at once cause one upstream request
+(coalescing, as nginx's ``proxy_cache_lock``); when the upstream cannot answer (quota used
+up, 5xx, unreachable) an entry up to ``cache.stale_ttl`` past its lifetime is served instead
+(as ``proxy_cache_use_stale``). With ``cache.uploads``, an upload of the same bytes with the
+same scan options gets the earlier answer (its ``data_id``). Every answer on a cacheable route
+says how it was served in ``X-Cache-Status``: MISS, HIT, BYPASS or STALE.
+
+The key is written down in ``LookupCache.key``: the upstream identity (digests of the OAuth
+client id and the apikey that goes upstream), method, raw path (a hash folded to lower case),
+query, the body's digest, and every request header but those in ``IGNORED_HEADERS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from cachetools import LRUCache, TTLCache
+
+from .body import ReplayableBody
+from .errors import ProxyError
+from .forward import CACHE_STATUS, NOT_FORWARDED, Answer, Captured, Forwarder
+from .observe import CACHE, Metrics, request_target
+
+__all__ = ["IGNORED_HEADERS", "LookupCache"]
+
+log = logging.getLogger("mdcloud_proxy.cache")
+
+
+_LOOKUP = re.compile(r"^/v4/(?:(hash|ip|domain|cve)/[^/?]+|url/[^?]+)(?:\?|$)")
+_BULK = re.compile(r"^/v4/(?:hash|ip|domain|url)(?:\?|$)")
+_UPLOAD = re.compile(r"^/v4/file(?:\?|$)")
+# Headers that cannot change MetaDefender's answer: those never forwarded (framing,
+# hop-by-hop, the caller's Authorization and proxy key), tracing, the caller's own cache
+# directives. Everything else is part of the key; for an upload, every one of them is a scan
+# option (filename, rule, sandbox, archivepwd, ...: README lists them).
+IGNORED_HEADERS = NOT_FORWARDED | {
+    "apikey",  # in the key as part of the upstream identity
+    "user-agent",
+    "cache-control",
+    "pragma",
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+    "x-correlation-id",
+    "x-amzn-trace-id",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "b3",
+}
+UPLOADS_KEPT = 10_000  # answers of uploads remembered for dedup, newest first
+_NOT_FOUND = 404003
+_QUOTA_USED_UP = 429000
+_ENTRY_OVERHEAD = 256  # bytes an entry costs besides its body and headers
+
+
+@dataclass(frozen=True)
+class _Entry:
+    answer: Answer
+    stored_at: float
+    fresh_until: float
+    stale_until: float
+
+    @property
+    def size(self) -> int:
+        headers = sum(len(k) + len(v) for k, v in self.answer.headers)
+        return len(self.answer.body) + headers + _ENTRY_OVERHEAD
+
+
+def _directives(value: str) -> set[str]:
+    return {part.strip().split("=", 1)[0].lower() for part in value.split(",") if part.strip()}
+
+
+def _error_code(answer: Answer) -> int | None:
+    try:
+        error = json.loads(answer.body).get("error")
+        return error.get("code") if isinstance(error, dict) else None
+    except (ValueError, AttributeError):
+        return None
+
+
+class LookupCache:
+    """The lookup cache, coalescing and upload dedup of one proxy (in process)."""
+
+    def __init__(
+        self,
+        *,
+        forwarder: Forwarder,
+        metrics: Metrics,
+        identity: str,
+        api_key: str | None,
+        ttl: float,
+        miss_ttl: float,
+        stale_ttl: float,
+        max_size: int,
+        max_entry_size: int,
+        uploads: bool,
+        upload_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._forwarder = forwarder
+        self._metrics = metrics
+        self._identity = identity
+        self._api_key = api_key
+        self._ttl, self._miss_ttl, self._stale_ttl = ttl, miss_ttl, stale_ttl
+        self._max_entry_size = max_entry_size
+        self._uploads = uploads
+        self._clock = clock
+        self._entries: LRUCache[bytes, _Entry] = LRUCache(
+            maxsize=max_size, getsizeof=lambda entry: entry.size
+        )
+        self._inflight: dict[bytes, asyncio.Task[Captured | ProxyError]] = {}
+        self._uploaded: TTLCache[bytes, Answer] = TTLCache(
+            maxsize=UPLOADS_KEPT, ttl=upload_ttl, timer=clock
+        )
+        metrics.cache_entries.set_function(lambda: self.entries)
+        metrics.cache_bytes.set_function(lambda: self.size)
+
+    def __repr__(self) -> str:
+        return f"LookupCache(entries={len(self._entries)}, bytes={self._entries.currsize})"
+
+    @property
+    def entries(self) -> int:
+        """How many answers are kept."""
+        return len(self._entries)
+
+    @property
+    def size(self) -> int:
+        """The bytes the kept answers take."""
+        return int(self._entries.currsize)
+
+    def wants(self, request: web.BaseRequest) -> bool:
+        """Whether ``request`` is one the guard answers (a lookup, or an upload to dedup)."""
+        path = request.raw_path
+        if request.method == "GET":
+            return _LOOKUP.match(path) is not None
+        if request.method == "POST":
+            if _BULK.match(path) is not None:
+                return True
+            return self._uploads and _UPLOAD.match(path) is not None
+        return False
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Answer a request ``wants`` took, from the cache or upstream."""
+        if request.method == "POST" and _UPLOAD.match(request.raw_path):
+            return await self._upload(request)
+        directives = _directives(",".join(request.headers.getall("Cache-Control", ())))
+        if "no-store" in directives:
+            return await self._bypass(request)
+        body, digest = None, ""
+        if request.method == "POST":
+            length = request.content_length
+            if length is None or length > self._max_entry_size:
+                return await self._bypass(request)  # the body is the key: too large to keep
+            body = self._forwarder.body_of(request)
+        handed = False  # a request that leads a flight hands it its body
+        try:
+            if body is not None:
+                digest = await body.read_all()
+            key = self.key(request, digest)
+            now = self._clock()
+            entry = self._entries.get(key)
+            if entry is not None and now >= entry.stale_until:
+                del self._entries[key]
+                entry = None
+            if entry is not None and now < entry.fresh_until and "no-cache" not in directives:
+                return self._serve(request, entry.answer, "HIT", now - entry.stored_at)
+            flight = self._inflight.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._fly(request, key, body, self._store)
+                handed = True
+            else:
+                self._metrics.cache_coalesced.inc()
+            return await self._answer(request, key, flight, leader, entry)
+        finally:
+            if body is not None and not handed:
+                body.close()
+
+    def _fly(
+        self,
+        request: web.BaseRequest,
+        key: bytes,
+        body: ReplayableBody | None,
+        store: Callable[[bytes, Answer], None],
+    ) -> asyncio.Task[Captured | ProxyError]:
+        """Send ``request`` upstream for everybody who asks for ``key`` meanwhile."""
+        flight = asyncio.create_task(self._fetch(request, key, body, store))
+        self._inflight[key] = flight
+        flight.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return flight
+
+    def key(self, request: web.BaseRequest, body_digest: str) -> bytes:
+        """The digest two requests share exactly when MetaDefender gives them one answer."""
+        upstream_key = (
+            self._api_key if self._api_key is not None else request.headers.get("apikey", "")
+        )
+        path, _, query = request.raw_path.partition("?")
+        if path.startswith("/v4/hash/"):
+            path = path.lower()  # hex digests, in any case
+        key = hashlib.sha256()
+        for part in (
+            self._identity,
+            hashlib.sha256(upstream_key.encode()).hexdigest(),
+            request.method,
+            path,
+            query,
+            body_digest,
+        ):
+            key.update(part.encode("utf-8", "surrogateescape") + b"\0")
+        headers = sorted(
+            (name.lower(), value)
+            for name, value in request.headers.items()
+            if name.lower() not in IGNORED_HEADERS
+        )
+        for name, value in headers:
+            key.update(f"{name}:{value}".encode("utf-8", "surrogateescape") + b"\0")
+        return key.digest()
+
+    async def _answer(
+        self,
+        request: web.BaseRequest,
+        key: bytes,
+        flight: asyncio.Task[Captured | ProxyError],
+        leader: bool,
+        stale: _Entry | None,
+    ) -> web.StreamResponse:
+        """The answer of the request in flight for ``key``, or a stale entry instead."""
+        try:
+            # shield: a caller who hangs up, the first included, cancels nobody's answer.
+            result = await asyncio.shield(flight)
+        except asyncio.CancelledError:
+            if leader:
+                flight.add_done_callback(_close_unread)
+            raise
+        now = self._clock()
+        if isinstance(result, ProxyError):
+            if stale is not None:
+                return self._serve(request, stale.answer, "STALE", now - stale.stored_at)
+            # A copy for each waiter: one exception raised again and again would grow its
+            # traceback by every waiter's frames.
+            raise copy.copy(result) from None
+        answer = result.answer
+        if answer is None:  # too large to keep: its first caller streams it, others ask again
+            if leader and result.open is not None:
+                return await self._forwarder.relay(request, result.open, result.start, "BYPASS")
+            return await self._bypass(request)
+        if stale is not None and self._failed(answer):
+            return self._serve(request, stale.answer, "STALE", now - stale.stored_at)
+        if not leader:
+            return self._serve(request, answer, "HIT", 0.0)
+        entry = self._entries.get(key)
+        stored = entry is not None and entry.answer is answer
+        stored = stored or self._uploaded.get(key) is answer
+        return self._serve(request, answer, "MISS" if stored else "BYPASS", None)
+
+    async def _fetch(
+        self,
+        request: web.BaseRequest,
+        key: bytes,
+        body: ReplayableBody | None,
+        store: Callable[[bytes, Answer], None],
+    ) -> Captured | ProxyError:
+        try:
+            captured = await self._forwarder.capture(request, self._max_entry_size, body)
+        except ProxyError as exc:
+            return exc
+        finally:
+            if body is not None:
+                body.close()
+        if captured.answer is not None:
+            store(key, captured.answer)
+        return captured
+
+    def _failed(self, answer: Answer) -> bool:
+        """Whether an answer is one a stale entry is served instead of."""
+        if answer.status >= 500:
+            return True
+        return answer.status == 429 and _error_code(answer) == _QUOTA_USED_UP
+
+    def _store(self, key: bytes, answer: Answer) -> None:
+        if answer.status == 200:
+            ttl = self._ttl
+        elif answer.status == 404 and _error_code(answer) == _NOT_FOUND:
+            ttl = self._miss_ttl
+        else:
+            return
+        for name, value in answer.headers:
+            lowered = name.lower()
+            if lowered == "set-cookie":
+                return
+            if lowered == "cache-control" and _directives(value) & {"no-store", "private"}:
+                return
+        now = self._clock()
+        entry = _Entry(answer, now, now + ttl, now + ttl + self._stale_ttl)
+        if entry.size > min(self._max_entry_size, self._entries.maxsize):
+            return
+        self._entries[key] = entry
+
+    def _serve(
+        self, request: web.BaseRequest, answer: Answer, status: str, age: float | None
+    ) -> web.Response:
+        request[CACHE] = status
+        self._metrics.cache_requests.labels(status.lower()).inc()
+        extra = {CACHE_STATUS: status}
+        if age is not None and status != "MISS":
+            extra["Age"] = str(int(age))
+        return answer.response(extra)
+
+    async def _bypass(self, request: web.BaseRequest) -> web.StreamResponse:
+        request[CACHE] = "BYPASS"
+        self._metrics.cache_requests.labels("bypass").inc()
+        return await self._forwarder(request, cache_status="BYPASS")
+
+    async def _upload(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = self._forwarder.body_of(request)
+        if body is None:
+            return await self._bypass(request)
+        handed = False  # the upload that goes upstream hands its flight its body
+        try:
+            key = self.key(request, await body.read_all())
+            earlier = self._uploaded.get(key)
+            flight = self._inflight.get(key)
+            if earlier is not None or flight is not None:
+                # The same bytes and scan options, uploaded before or right now.
+                self._metrics.upload_dedup.inc()
+                log.info("%s: the same upload as another: its answer", request_target(request))
+            if earlier is not None:
+                return self._serve(request, earlier, "HIT", None)
+            leader = flight is None
+            if flight is None:
+                flight = self._fly(request, key, body, self._remember_upload)
+                handed = True
+            return await self._answer(request, key, flight, leader, None)
+        finally:
+            if not handed:
+                body.close()
+
+    def _remember_upload(self, key: bytes, answer: Answer) -> None:
+        if answer.status == 200 and b'"data_id"' in answer.body:
+            self._uploaded[key] = answer
+
+
+def _close_unread(flight: asyncio.Task[Captured | ProxyError]) -> None:
+    """A too-long answer whose first caller left: nobody will read the rest of it."""
+    if not flight.cancelled():
+        result = flight.result()
+        if isinstance(result, Captured) and result.open is not None:
+            result.open.close()
