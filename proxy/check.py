@@ -11,12 +11,13 @@ from yarl import URL
 from .app import client_session, outbound_route, ssl_context
 from .config import Config
 from .errors import TokenError, describe
-from .route import proxy_failure
+from .route import Route, proxy_failure
 from .tokens import ClientCredentials, Token, read_up_to
 
 __all__ = ["check", "print_token"]
 
 APIKEY_PATH = "/v4/apikey/"
+LIMITS_PATH = "/v4/apikey/limits/status"
 
 
 async def _fetch(config: Config, session: aiohttp.ClientSession) -> Token:
@@ -97,6 +98,7 @@ async def check(config: Config, out: TextIO) -> bool:
             ) as resp:
                 body = await read_up_to(resp, 1024 * 1024)
                 status, remaining = resp.status, resp.headers.get("X-RateLimit-Remaining")
+            quota = await _quota(session, config.upstream_url + LIMITS_PATH, headers, route)
         except (aiohttp.ClientError, TimeoutError) as exc:
             failure = proxy_failure(exc, hop, URL(url))
             say("api", f"FAILED: GET {url}: {failure[0] if failure else describe(exc)}")
@@ -117,4 +119,35 @@ async def check(config: Config, out: TextIO) -> bool:
         limits += ("; " if limits else "") + f"{remaining} requests left now"
     if limits:
         say("limits", limits)
+    if quota:
+        say("quota", quota)
     return True
+
+
+async def _quota(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], route: Route
+) -> str:
+    """What ``GET /v4/apikey/limits/status`` says is left per limit type (a call that costs no
+    quota), and when the one it names resets; empty if it says nothing usable."""
+    async with session.get(
+        url, headers=headers, allow_redirects=False, proxy=route.proxy_for(URL(url))
+    ) as resp:
+        body = await read_up_to(resp, 64 * 1024)
+        if resp.status != 200:
+            return ""
+        named, reset_in = (
+            resp.headers.get("X-RateLimit-For"),
+            resp.headers.get("X-RateLimit-Reset-In"),
+        )
+    try:
+        left = json.loads(body)
+    except ValueError:
+        return ""
+    if not isinstance(left, dict):
+        return ""
+    parts = []
+    for name, value in sorted(left.items()):
+        if isinstance(value, int) and not isinstance(value, bool):
+            resets = f", resets in {reset_in}" if name == named and reset_in else ""
+            parts.append(f"{name} {value} left{resets}")
+    return "; ".join(parts)

@@ -34,6 +34,8 @@ log = logging.getLogger("mdcloud_proxy")
 
 DEMO_CLIENT_ID = "demo-client"
 DEMO_CLIENT_SECRET = "demo-secret"  # noqa: S105 - the simulator's, printed on purpose
+DEMO_LIMITS = {"reputation_api": 200, "prevention_api": 20}
+DEMO_THROTTLE = (5, 10.0)  # lookups per window of seconds
 
 
 def _add_flags(parser: argparse.ArgumentParser, default: object, common: bool) -> None:
@@ -293,8 +295,16 @@ async def _run_demo(flags: Mapping[str, object]) -> None:
     account = {"oauth.client_id": DEMO_CLIENT_ID, "oauth.client_secret": DEMO_CLIENT_SECRET}
     config = load_config(environ={}, overrides={**flags, **account})
     # Tokens live 60 s but the simulator drops them after 20 s, so within a minute of
-    # use the proxy shows both a refresh ahead of expiry and an expired-token replay.
-    sim = Simulator(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, token_lifetime=60, revoke_after=20)
+    # use the proxy shows both a refresh ahead of expiry and an expired-token replay. A small
+    # account with a throttle on lookups, so that /-/ has bars and the log shows a wait.
+    sim = Simulator(
+        DEMO_CLIENT_ID,
+        DEMO_CLIENT_SECRET,
+        token_lifetime=60,
+        revoke_after=20,
+        limits=dict(DEMO_LIMITS),
+        throttles={"reputation_api": DEMO_THROTTLE},
+    )
     sim_runner = await serve(sim.app(), "127.0.0.1", 0)
     try:
         upstream = f"http://127.0.0.1:{sim_runner.addresses[0][1]}"
@@ -312,6 +322,7 @@ async def _run_demo(flags: Mapping[str, object]) -> None:
 
 
 def _print_demo_help(base: str, upstream: str) -> None:
+    calls, window = DEMO_THROTTLE
     print(
         f"""
 mdcloud-proxy demo: the proxy on {base} forwards to a local MetaDefender Cloud simulator
@@ -324,9 +335,12 @@ the log below shows the proxy refreshing and replaying. Try, in another terminal
   curl {base}/v4/file/<data_id from the answer above>
   curl -i {base}/v4/hash/<sha256 from the answer above>
   curl -i {base}/v4/hash/<the same sha256 again>
+  for i in 1 2 3 4 5 6 7; do curl -s {base}/v4/ip/192.0.2.$i; echo; done
 
-None of these carries a credential: the proxy adds the bearer token. The last lookup is
-answered by the quota guard (X-Cache-Status: HIT): it costs no quota. Ctrl-C stops the demo.
+None of these carries a credential: the proxy adds the bearer token. The repeated lookup
+is answered by the quota guard (X-Cache-Status: HIT): it costs no quota. The account allows
+{calls} lookups per {window:.0f} s: the loop's last lookups wait for the throttle instead of
+failing (see the log). {base}/-/ shows the quota left. Ctrl-C stops the demo.
 """,
         flush=True,
     )

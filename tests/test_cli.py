@@ -129,17 +129,27 @@ async def run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_check_reports_token_and_limits(sim, upstream):
+async def test_check_reports_token_limits_and_the_quota_left(sim, upstream, clock):
+    sim.limits["reputation_api"] = 1000
     code, out, err = await run("check", env=account_env(upstream))
     assert (code, err) == (0, "")
-    assert out.splitlines() == [
+    assert out.splitlines()[:4] == [
         f"config   ok (upstream {upstream}, token endpoint {upstream}/v4/oauth2/token)",
         "token    ok, valid for 3600 s",
         "api      ok, GET /v4/apikey/ answered HTTP 200",
-        "limits   prevention 4000, reputation 4000 per daily interval; max upload 140 MB; "
-        "4000 requests left now",  # GET /v4/apikey/ counts against no quota
+        "limits   prevention 4000, reputation 1000 per daily interval; max upload 140 MB; "
+        "1000 requests left now",  # GET /v4/apikey/ counts against no quota
     ]
-    assert [r.raw_path for r in sim.requests] == ["/v4/oauth2/token", "/v4/apikey/"]
+    quota = out.splitlines()[4]
+    assert quota.startswith("quota    ")
+    assert "reputation_api 1000 left" in quota and "prevention_api 4000 left" in quota
+    # It makes no call that costs quota.
+    assert [r.raw_path for r in sim.requests] == [
+        "/v4/oauth2/token",
+        "/v4/apikey/",
+        "/v4/apikey/limits/status",
+    ]
+    assert sum(sim.served.values()) == 0
 
 
 async def test_check_fails_clearly_and_quietly(sim, upstream):

@@ -201,3 +201,24 @@ async def test_status_and_the_page_show_the_quota_and_no_secret(throttled, clien
     assert "997 of 1000 left" in page
     for secret in (CLIENT_SECRET, API_KEY, *sim.issued_tokens):
         assert secret not in text and secret not in page
+
+
+async def test_the_gauges_match_the_simulators_count(make_proxy, sim, client):
+    sim.limits["reputation_api"] = 500
+    proxy = await make_proxy()
+    for i in range(7):
+        assert await _status(client, f"{proxy.url}/v4/ip/198.51.100.{i}") == 200
+    assert await _status(client, f"{proxy.url}/v4/ip/198.51.100.0") == 200  # a hit: no quota
+    samples = await scrape(client, proxy.url + "/-/metrics")
+    labels = (("limit", "reputation_api"),)
+    assert sim.served["reputation_api"] == 7
+    assert samples[("mdcloud_proxy_quota_remaining", labels)] == sim.remaining("reputation_api")
+    assert samples[("mdcloud_proxy_quota_limit", labels)] == 500
+
+
+async def test_the_simulators_throttle_is_waited_out(make_proxy, sim, client):
+    sim.throttles["reputation_api"] = (2, 1.0)  # 2 lookups a second
+    proxy = await make_proxy()
+    statuses = [await _status(client, f"{proxy.url}/v4/domain/d{i}.example") for i in range(4)]
+    assert statuses == [200] * 4
+    assert sim.throttled[429001] >= 1 and sim.served["reputation_api"] == 4
