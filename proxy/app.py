@@ -262,6 +262,8 @@ def create_app(
         keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await keeper
+        if cache is not None:
+            await cache.close()
         await tokens.close()
         await session.close()
         await token_session.close()

@@ -124,6 +124,7 @@ class LookupCache:
             maxsize=max_size, getsizeof=lambda entry: entry.size
         )
         self._inflight: dict[bytes, asyncio.Task[Captured | ProxyError]] = {}
+        self._flights: set[asyncio.Task[Captured | ProxyError]] = set()
         self._uploaded: TTLCache[bytes, Answer] = TTLCache(
             maxsize=UPLOADS_KEPT, ttl=upload_ttl, timer=clock
         )
@@ -186,7 +187,7 @@ class LookupCache:
                 handed = True
             else:
                 self._metrics.cache_coalesced.inc()
-            return await self._answer(request, key, flight, leader, entry)
+            return await self._answer(request, key, flight, leader, entry, None if handed else body)
         finally:
             if body is not None and not handed:
                 body.close()
@@ -201,8 +202,16 @@ class LookupCache:
         """Send ``request`` upstream for everybody who asks for ``key`` meanwhile."""
         flight = asyncio.create_task(self._fetch(request, key, body, store))
         self._inflight[key] = flight
+        self._flights.add(flight)
         flight.add_done_callback(lambda _: self._inflight.pop(key, None))
+        flight.add_done_callback(self._flights.discard)
         return flight
+
+    async def close(self) -> None:
+        """Cancel the requests in flight (at shutdown, after the callers have gone)."""
+        for flight in list(self._flights):
+            flight.cancel()
+        await asyncio.gather(*self._flights, return_exceptions=True)
 
     def key(self, request: web.BaseRequest, body_digest: str) -> bytes:
         """The digest two requests share exactly when MetaDefender gives them one answer."""
@@ -238,8 +247,10 @@ class LookupCache:
         flight: asyncio.Task[Captured | ProxyError],
         leader: bool,
         stale: _Entry | None,
+        body: ReplayableBody | None,
     ) -> web.StreamResponse:
-        """The answer of the request in flight for ``key``, or a stale entry instead."""
+        """The answer of the request in flight for ``key``, or a stale entry instead;
+        ``body`` is a waiter's own, for when it must go upstream itself."""
         try:
             # shield: a caller who hangs up, the first included, cancels nobody's answer.
             result = await asyncio.shield(flight)
@@ -257,11 +268,14 @@ class LookupCache:
         answer = result.answer
         if answer is None:  # too large to keep: its first caller streams it, others ask again
             if leader and result.open is not None:
+                self._count(request, "BYPASS")
                 return await self._forwarder.relay(request, result.open, result.start, "BYPASS")
-            return await self._bypass(request)
+            return await self._bypass(request, body)
         if stale is not None and self._failed(answer):
             return self._serve(request, stale.answer, "STALE", now - stale.stored_at)
         if not leader:
+            if _private(answer):  # another caller's cookie is not to be shared
+                return await self._bypass(request, body)
             return self._serve(request, answer, "HIT", 0.0)
         entry = self._entries.get(key)
         stored = entry is not None and entry.answer is answer
@@ -279,6 +293,9 @@ class LookupCache:
             captured = await self._forwarder.capture(request, self._max_entry_size, body)
         except ProxyError as exc:
             return exc
+        except Exception as exc:  # nobody may be waiting: no exception must be left unread
+            log.error("a cached lookup's upstream request failed: %s", type(exc).__name__)
+            return ProxyError("the upstream request failed inside the proxy", code=500001)
         finally:
             if body is not None:
                 body.close()
@@ -299,35 +316,37 @@ class LookupCache:
             ttl = self._miss_ttl
         else:
             return
-        for name, value in answer.headers:
-            lowered = name.lower()
-            if lowered == "set-cookie":
-                return
-            if lowered == "cache-control" and _directives(value) & {"no-store", "private"}:
-                return
+        if _private(answer):
+            return
         now = self._clock()
         entry = _Entry(answer, now, now + ttl, now + ttl + self._stale_ttl)
         if entry.size > min(self._max_entry_size, self._entries.maxsize):
             return
         self._entries[key] = entry
 
+    def _count(self, request: web.BaseRequest, status: str) -> None:
+        request[CACHE] = status
+        self._metrics.cache_requests.labels(status.lower()).inc()
+
     def _serve(
         self, request: web.BaseRequest, answer: Answer, status: str, age: float | None
     ) -> web.Response:
-        request[CACHE] = status
-        self._metrics.cache_requests.labels(status.lower()).inc()
+        self._count(request, status)
         extra = {CACHE_STATUS: status}
         if age is not None and status != "MISS":
             extra["Age"] = str(int(age))
         return answer.response(extra)
 
-    async def _bypass(self, request: web.BaseRequest) -> web.StreamResponse:
-        request[CACHE] = "BYPASS"
-        self._metrics.cache_requests.labels("bypass").inc()
-        return await self._forwarder(request, cache_status="BYPASS")
+    async def _bypass(
+        self, request: web.BaseRequest, body: ReplayableBody | None = None
+    ) -> web.StreamResponse:
+        """Forward without the cache; ``body``: the caller's, when it was read already."""
+        self._count(request, "BYPASS")
+        return await self._forwarder(request, body=body, cache_status="BYPASS")
 
     async def _upload(self, request: web.BaseRequest) -> web.StreamResponse:
-        body = self._forwarder.body_of(request)
+        directives = _directives(",".join(request.headers.getall("Cache-Control", ())))
+        body = self._forwarder.body_of(request) if "no-store" not in directives else None
         if body is None:
             return await self._bypass(request)
         handed = False  # the upload that goes upstream hands its flight its body
@@ -345,7 +364,7 @@ class LookupCache:
             if flight is None:
                 flight = self._fly(request, key, body, self._remember_upload)
                 handed = True
-            return await self._answer(request, key, flight, leader, None)
+            return await self._answer(request, key, flight, leader, None, None if handed else body)
         finally:
             if not handed:
                 body.close()
@@ -355,9 +374,20 @@ class LookupCache:
             self._uploaded[key] = answer
 
 
+def _private(answer: Answer) -> bool:
+    """Whether an answer is the one caller's alone: it sets a cookie or says so."""
+    for name, value in answer.headers:
+        lowered = name.lower()
+        if lowered == "set-cookie":
+            return True
+        if lowered == "cache-control" and _directives(value) & {"no-store", "private"}:
+            return True
+    return False
+
+
 def _close_unread(flight: asyncio.Task[Captured | ProxyError]) -> None:
     """A too-long answer whose first caller left: nobody will read the rest of it."""
-    if not flight.cancelled():
+    if not flight.cancelled() and flight.exception() is None:
         result = flight.result()
         if isinstance(result, Captured) and result.open is not None:
             result.open.close()

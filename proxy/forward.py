@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ NOT_FORWARDED = HOP_BY_HOP | {
 _NOT_RETURNED = HOP_BY_HOP | {"content-length"}
 TOKEN_REFUSED_CODES = frozenset({401009, 401010})
 _PEEK_LIMIT = 64 * 1024
+MAX_THROTTLE_TRIES = 20
 
 
 def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> list[tuple[str, str]]:
@@ -373,19 +375,21 @@ class Forwarder:
         to be closed before sending, an announced reset after a 429 (then sent again)."""
         quota = self._quota
         deadline = self._clock() + quota.max_wait
-        tries = 0
+        tries, waited = 0, False
         while True:
-            closed = quota.closed_for(request.raw_path)
+            name = quota.limit_of(request.method, request.raw_path)
+            closed = quota.closed_for(request.method, request.raw_path)
             if closed is not None:
-                name, wait = closed
-                if self._clock() + wait > deadline:
+                if self._clock() + closed > deadline:
                     self._metrics.throttle_waits.labels(name, "gave_up").inc()
                     raise Throttled(
-                        f"the {name} throttle reopens in {wait:.0f} s, past throttle.max_wait "
-                        f"({quota.max_wait:.0f} s)",
-                        retry_after=wait,
+                        f"the {name} throttle reopens in {closed:.0f} s, past "
+                        f"throttle.max_wait ({quota.max_wait:.0f} s)",
+                        retry_after=closed,
                     )
-                await self._wait(request, name, wait, tries)
+                # Jitter: what waited for one window does not all arrive at its first instant.
+                await self._wait(request, name, closed + random.uniform(0.05, 0.25))
+                waited = True
             resp, peeked = await self._exchange(request, url, headers, body)
             if resp.status == 429 and not peeked:
                 try:
@@ -394,28 +398,29 @@ class Forwarder:
                     resp.close()
                     raise _upstream_failure(exc, url, body, self._hop) from None
             code = error_code(peeked) if resp.status == 429 else None
-            quota.seen(request.raw_path, resp.status, resp.headers, code)
-            limit = quota.limit_of(request.raw_path)
-            name = limit.name if limit is not None else "unknown"
+            quota.seen(request.method, request.raw_path, resp.status, resp.headers, code)
+            name = quota.limit_of(request.method, request.raw_path)
             tries += 1
             pause = quota.wait_for(resp.status, resp.headers, code, tries, deadline - self._clock())
+            if tries >= MAX_THROTTLE_TRIES:
+                pause = None  # a clock that does not move must not make this loop for ever
             if pause is None:
-                if tries > 1:
-                    outcome = "gave_up" if resp.status == 429 else "ok"
+                throttled = resp.status == 429 and code != USED_UP
+                if waited or throttled:
+                    outcome = "gave_up" if throttled else "ok"
                     self._metrics.throttle_waits.labels(name, outcome).inc()
-                elif resp.status == 429 and code != USED_UP:
-                    self._metrics.throttle_waits.labels(name, "gave_up").inc()
                 return resp, peeked
             resp.close()
             if body is not None:
                 await body.settle_copy()
                 if body.not_replayable is not None:
                     raise body.not_replayable
-            if tries > 1:
+            if waited:
                 self._metrics.throttle_waits.labels(name, "again").inc()
-            await self._wait(request, name, pause, tries)
+            await self._wait(request, name, pause)
+            waited = True
 
-    async def _wait(self, request: web.BaseRequest, limit: str, seconds: float, tries: int) -> None:
+    async def _wait(self, request: web.BaseRequest, limit: str, seconds: float) -> None:
         log.info(
             "%s %s: the %s throttle is closed; waiting %.1f s, then sending it again",
             request.method,

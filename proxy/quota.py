@@ -20,19 +20,25 @@ from dataclasses import dataclass
 from .errors import ProxyError
 from .observe import Metrics
 
-__all__ = ["QuotaWatch", "Throttled", "route_of"]
+__all__ = ["QuotaWatch", "Throttled", "kind_of"]
 
 THROTTLED = frozenset({429001, 429002})
+# Bounds on what callers and the upstream can make the proxy remember.
+KINDS = 256
+LIMIT_TYPES = 16
+MAX_WINDOW = 3600.0
 USED_UP = 429000
 _ROUTE = re.compile(r"^(/v4/[^/?]+)")
 _SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*s?\s*$")
 
 
-def route_of(raw_path: str) -> str:
-    """The family of calls a path belongs to (``/v4/hash``, ``/v4/file``): what one limit
-    type counts, as the answers' ``X-RateLimit-For`` tell."""
-    match = _ROUTE.match(raw_path)
-    return match.group(1) if match else raw_path.partition("?")[0]
+def kind_of(method: str, raw_path: str) -> str:
+    """The kind of call a request is: its method and path family (``GET /v4/hash/*``,
+    ``POST /v4/hash``, ``POST /v4/file``, ``GET /v4/file/*``)."""
+    path = raw_path.partition("?")[0]
+    match = _ROUTE.match(path)
+    family = match.group(1) if match else "/"
+    return f"{method} {family}{'/*' if len(path) > len(family) + 1 else ''}"
 
 
 def _seconds(value: str | None) -> float | None:
@@ -62,7 +68,6 @@ class Limit:
     remaining: int | None = None
     resets_at: float | None = None  # on the monotonic clock
     interval: str | None = None
-    reopens_at: float = float("-inf")  # a throttle's window, once a 429 announced it
 
 
 class Throttled(ProxyError):
@@ -72,7 +77,7 @@ class Throttled(ProxyError):
     status = 429
     code = 429001
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
 
@@ -91,46 +96,58 @@ class QuotaWatch:
         self.max_wait = max_wait
         self._clock = clock
         self.limits: dict[str, Limit] = {}
-        self._route_limits: dict[str, str] = {}  # /v4/hash -> reputation_api
-        self.waits = 0
+        # Per kind of call (GET /v4/hash/*, POST /v4/file): the limit type its answers name,
+        # and until when a throttle said it is closed. A throttle on uploads does not hold up
+        # the polls of their results, nor one on bulk lookups the single ones.
+        self._kind_limits: dict[str, str] = {}
+        self._closed_until: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"QuotaWatch(limits={sorted(self.limits)})"
 
-    def limit_of(self, raw_path: str) -> Limit | None:
-        """The limit type the calls of this path count against, once an answer said so."""
-        name = self._route_limits.get(route_of(raw_path))
-        return self.limits.get(name) if name is not None else None
+    def limit_of(self, method: str, raw_path: str) -> str:
+        """The limit type this kind of call counts against, as answers said ("unknown")."""
+        return self._kind_limits.get(kind_of(method, raw_path), "unknown")
 
-    def closed_for(self, raw_path: str) -> tuple[str, float] | None:
-        """(limit type, seconds) while this path's throttle window is known to be closed."""
-        limit = self.limit_of(raw_path)
-        if limit is None:
-            return None
-        left = limit.reopens_at - self._clock()
-        return (limit.name, left) if left > 0 else None
+    def closed_for(self, method: str, raw_path: str) -> float | None:
+        """Seconds while this kind of call's throttle window is known to be closed."""
+        left = self._closed_until.get(kind_of(method, raw_path), 0.0) - self._clock()
+        return left if left > 0 else None
+
+    def reopens_in(self, name: str) -> float:
+        """Seconds until every throttle window of limit type ``name`` is open again."""
+        now = self._clock()
+        return max(
+            [until - now for kind, until in self._closed_until.items()
+             if self._kind_limits.get(kind) == name] + [0.0]
+        )  # fmt: skip
 
     def seen(
-        self, raw_path: str, status: int, headers: Mapping[str, str], code: int | None
+        self, method: str, raw_path: str, status: int, headers: Mapping[str, str], code: int | None
     ) -> None:
         """Note an upstream answer: its rate-limit headers, a throttle it announces."""
+        kind = kind_of(method, raw_path)
+        now = self._clock()
+        if status == 429 and code in THROTTLED:
+            # The throttle's own reset: Retry-After, else what X-RateLimit-Reset-In says of
+            # it. It moves no quota gauge; a window is never believed closed for long.
+            wait = _seconds(headers.get("Retry-After"))
+            if wait is None:
+                wait = _seconds(headers.get("X-RateLimit-Reset-In"))
+            if wait is not None and (kind in self._closed_until or len(self._closed_until) < KINDS):
+                until = now + min(wait, MAX_WINDOW)
+                self._closed_until[kind] = max(self._closed_until.get(kind, 0.0), until)
         name = headers.get("X-RateLimit-For")
-        if not name:
+        if not name or (name not in self.limits and len(self.limits) >= LIMIT_TYPES):
             return
-        self._route_limits[route_of(raw_path)] = name
+        if kind in self._kind_limits or len(self._kind_limits) < KINDS:
+            self._kind_limits[kind] = name
+        if status == 429 and code != USED_UP:
+            return
         limit = self.limits.get(name)
         if limit is None:
             limit = self.limits[name] = Limit(name)
             self._metrics.watch_limit(name, lambda: self.limits[name], self._clock)
-        now = self._clock()
-        reset = _seconds(headers.get("X-RateLimit-Reset-In"))
-        if status == 429 and code != USED_UP:
-            # A throttle's reset is the throttle's, not the quota's: it moves no gauge.
-            wait = _seconds(headers.get("Retry-After"))
-            wait = reset if wait is None else wait
-            if wait is not None:
-                limit.reopens_at = max(limit.reopens_at, now + wait)
-            return
         for field, header in (
             ("limit", "X-RateLimit-Limit"),
             ("remaining", "X-RateLimit-Remaining"),
@@ -138,6 +155,7 @@ class QuotaWatch:
             value = headers.get(header)
             if value is not None and value.strip().isdigit():
                 setattr(limit, field, int(value))
+        reset = _seconds(headers.get("X-RateLimit-Reset-In"))
         if reset is not None:
             limit.resets_at = now + reset
         limit.interval = headers.get("X-RateLimit-Interval", limit.interval)

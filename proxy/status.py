@@ -52,7 +52,7 @@ def status(
             "interval": limit.interval,
             "resets_in_s": None if resets_in is None else round(resets_in),
             "resets_at": None if resets_in is None else _when(wall + resets_in),
-            "throttle_reopens_in_s": round(max(0.0, limit.reopens_at - now), 1),
+            "throttle_reopens_in_s": round(quota.reopens_in(name), 1),
         }
 
     def sample(name: str, **labels: str) -> int:
@@ -98,7 +98,7 @@ def page(state: dict[str, Any]) -> web.Response:
     rows = []
     for name, limit in state["limits"].items():
         total, left = limit["limit"], limit["remaining"]
-        share = left / total if total and left is not None else 0.0
+        share = min(1.0, left / total) if total and left is not None else 0.0
         resets = f"resets in {limit['resets_in_s']} s" if limit["resets_in_s"] is not None else ""
         throttle = (
             f"; throttled, reopens in {limit['throttle_reopens_in_s']} s"

@@ -303,3 +303,32 @@ async def test_identical_uploads_at_once_go_upstream_once(sim, make_proxy, clien
     data_ids = await asyncio.gather(*(upload() for _ in range(4)))
     assert len(set(data_ids)) == 1
     assert sum(r.raw_path == "/v4/file" for r in api_requests(sim)) == 1
+
+
+async def test_coalesced_bulk_lookups_too_large_to_keep_all_arrive(guarded, client):
+    proxy, upstream = await guarded()
+    upstream.size, upstream.delay = 2 * MiB, 0.2
+    body = json.dumps({"hash": [HASH] * 3})
+
+    async def bulk() -> tuple[int, int]:
+        async with client.post(proxy.url + "/v4/hash", data=body) as resp:
+            answer = await resp.read()
+            return resp.status, json.loads(answer)["body"] == body
+
+    assert await asyncio.gather(*(bulk() for _ in range(3))) == [(200, True)] * 3
+
+
+async def test_an_answer_with_a_cookie_is_not_shared(handler_upstream, proxy_before, client):
+    calls = 0
+
+    async def cookie(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        mine = calls
+        await asyncio.sleep(0.2)
+        return web.json_response({"n": mine}, headers={"Set-Cookie": f"s={mine}"})
+
+    proxy = await proxy_before(await handler_upstream(cookie))
+    answers = await asyncio.gather(*(get(client, f"{proxy.url}/v4/ip/192.0.2.1") for _ in range(3)))
+    cookies = [headers.get("Set-Cookie") for _, headers, _ in answers]
+    assert len(set(cookies)) == 3 and calls == 3

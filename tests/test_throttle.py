@@ -9,10 +9,11 @@ import time
 import pytest
 from aiohttp import web
 
-from proxy import create_app
+from proxy import Simulator, create_app
 
 from .conftest import (
     API_KEY,
+    CLIENT_ID,
     CLIENT_SECRET,
     TOKEN_PATH,
     api_requests,
@@ -90,7 +91,7 @@ async def throttled(start, handler_upstream, upstream):
 
 async def test_a_throttled_lookup_waits_for_the_reset(throttled, client):
     throttle = Throttle(allowed=1, window=2.0)
-    url = await throttled(throttle, **{"cache.enabled": False})
+    url = await throttled(throttle)
     async with client.get(url + "/v4/hash/aa") as resp:
         assert resp.status == 200  # opens the window's count
     started = time.monotonic()
@@ -103,7 +104,7 @@ async def test_a_throttled_lookup_waits_for_the_reset(throttled, client):
 
 async def test_requests_behind_a_closed_window_wait_instead_of_walking_into_429s(throttled, client):
     throttle = Throttle(allowed=1, window=1.0)
-    url = await throttled(throttle, **{"cache.enabled": False})
+    url = await throttled(throttle)
     assert await _status(client, url + "/v4/hash/00") == 200
     first = asyncio.create_task(_status(client, url + "/v4/hash/01"))
     while throttle.throttled == 0:  # the first 429 of the window: now the proxy knows
@@ -125,7 +126,7 @@ async def _status(client, url: str) -> int:
 async def test_a_used_up_quota_is_passed_on_at_once(throttled, client):
     throttle = Throttle()
     throttle.used_up = True
-    url = await throttled(throttle, **{"cache.enabled": False})
+    url = await throttled(throttle)
     started = time.monotonic()
     async with client.get(url + "/v4/hash/aa") as resp:
         assert resp.status == 429
@@ -135,7 +136,7 @@ async def test_a_used_up_quota_is_passed_on_at_once(throttled, client):
 
 async def test_a_reset_past_max_wait_is_passed_on_within_it(throttled, client):
     throttle = Throttle(allowed=1, window=5.0)
-    url = await throttled(throttle, **{"cache.enabled": False, "throttle.max_wait": "1s"})
+    url = await throttled(throttle, **{"throttle.max_wait": "1s"})
     async with client.get(url + "/v4/hash/aa") as resp:
         assert resp.status == 200
     started = time.monotonic()
@@ -151,7 +152,7 @@ async def test_a_reset_past_max_wait_is_passed_on_within_it(throttled, client):
 
 async def test_max_wait_0_never_waits(throttled, client):
     throttle = Throttle(allowed=1, window=2.0)
-    url = await throttled(throttle, **{"cache.enabled": False, "throttle.max_wait": 0})
+    url = await throttled(throttle, **{"throttle.max_wait": 0})
     await _status(client, url + "/v4/hash/aa")
     started = time.monotonic()
     assert await _status(client, url + "/v4/hash/bb") == 429
@@ -171,7 +172,7 @@ async def test_an_upload_throttled_once_arrives_whole(throttled, client):
 
 async def test_quota_gauges_follow_the_answers(throttled, client, sim):
     throttle = Throttle(allowed=1000)
-    url = await throttled(throttle, **{"cache.enabled": False})
+    url = await throttled(throttle)
     for i in range(7):
         assert await _status(client, f"{url}/v4/hash/{i:02x}") == 200
     samples = await scrape(client, url + "/-/metrics")
@@ -216,9 +217,39 @@ async def test_the_gauges_match_the_simulators_count(make_proxy, sim, client):
     assert samples[("mdcloud_proxy_quota_limit", labels)] == 500
 
 
-async def test_the_simulators_throttle_is_waited_out(make_proxy, sim, client):
-    sim.throttles["reputation_api"] = (2, 1.0)  # 2 lookups a second
-    proxy = await make_proxy()
-    statuses = [await _status(client, f"{proxy.url}/v4/domain/d{i}.example") for i in range(4)]
+async def test_the_simulators_throttle_is_waited_out(start, client):
+    """The simulator's own throttle, on the real clock: 2 lookups a second."""
+    sim = Simulator(CLIENT_ID, CLIENT_SECRET, throttles={"reputation_api": (2, 1.0)})
+    upstream = f"http://127.0.0.1:{await start(sim.app())}"
+    url = f"http://127.0.0.1:{await start(create_app(proxy_config(upstream)))}"
+    statuses = [await _status(client, f"{url}/v4/domain/d{i}.example") for i in range(4)]
     assert statuses == [200] * 4
     assert sim.throttled[429001] >= 1 and sim.served["reputation_api"] == 4
+
+
+async def test_the_proxys_own_429_on_a_cached_route(throttled, client):
+    throttle = Throttle(allowed=1, window=5.0)
+    url = await throttled(throttle, **{"throttle.max_wait": "1s"})
+    assert await _status(client, url + "/v4/hash/aa") == 200
+    assert await _status(client, url + "/v4/hash/bb") == 429  # the upstream's
+    answers = await asyncio.gather(*(_answer(client, url + "/v4/hash/cc") for _ in range(3)))
+    for status, retry_after, code in answers:  # the proxy's, to each of them
+        assert (status, code) == (429, 429001) and retry_after is not None
+    assert throttle.throttled == 1
+
+
+async def _answer(client, url: str) -> tuple[int, str | None, int]:
+    async with client.get(url) as resp:
+        return resp.status, resp.headers.get("Retry-After"), (await resp.json())["error"]["code"]
+
+
+async def test_an_upload_throttle_does_not_hold_up_polls_or_lookups(throttled, client):
+    throttle = Throttle(allowed=1, window=30.0)
+    url = await throttled(throttle, **{"throttle.max_wait": "1s"})
+    async with client.post(url + "/v4/file", data=b"a") as resp:
+        assert resp.status == 200
+    async with client.post(url + "/v4/file", data=b"b") as resp:
+        assert resp.status == 429  # the window is closed for uploads now
+    throttle.allowed = 100
+    assert await _status(client, url + "/v4/file/some-data-id") == 200
+    assert await _status(client, url + "/v4/hash/aa") == 200
