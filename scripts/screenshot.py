@@ -27,6 +27,18 @@ from proxy import Simulator, create_app, load_config, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
+# Headless, as root (CI), and without the background traffic this machine's closed network
+# refuses (tests/test_page.py uses the same).
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 CLIENT_ID, CLIENT_SECRET = "screenshot-client", "screenshot-secret-value"
 
 
@@ -69,14 +81,7 @@ async def chromium(url: str, screenshot: Path) -> None:
     with tempfile.TemporaryDirectory() as profile:
         proc = await asyncio.create_subprocess_exec(
             CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *CHROMIUM_FLAGS,
             f"--user-data-dir={profile}",
             f"--screenshot={screenshot}",
             "--window-size=1000,700",

@@ -15,17 +15,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from scripts.screenshot import CHROMIUM_FLAGS
+
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",  # CI runs as root
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
 # The bar's colours in the page's style, and the page's background.
 GREEN, GREY, WHITE = (0x22, 0xAA, 0x77), (0xEE, 0xEE, 0xEE), (0xFF, 0xFF, 0xFF)
 
