@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
-import json
 import logging
 import re
 import time
@@ -33,6 +32,7 @@ from .body import ReplayableBody
 from .errors import ProxyError
 from .forward import CACHE_STATUS, NOT_FORWARDED, Answer, Captured, Forwarder
 from .observe import CACHE, Metrics, request_target
+from .quota import USED_UP, error_code
 
 __all__ = ["IGNORED_HEADERS", "LookupCache"]
 
@@ -64,7 +64,6 @@ IGNORED_HEADERS = NOT_FORWARDED | {
 }
 UPLOADS_KEPT = 10_000  # answers of uploads remembered for dedup, newest first
 _NOT_FOUND = 404003
-_QUOTA_USED_UP = 429000
 _ENTRY_OVERHEAD = 256  # bytes an entry costs besides its body and headers
 
 
@@ -85,12 +84,9 @@ def _directives(value: str) -> set[str]:
     return {part.strip().split("=", 1)[0].lower() for part in value.split(",") if part.strip()}
 
 
-def _error_code(answer: Answer) -> int | None:
-    try:
-        error = json.loads(answer.body).get("error")
-        return error.get("code") if isinstance(error, dict) else None
-    except (ValueError, AttributeError):
-        return None
+def _asked(request: web.BaseRequest) -> set[str]:
+    """The caller's Cache-Control directives."""
+    return _directives(",".join(request.headers.getall("Cache-Control", ())))
 
 
 class LookupCache:
@@ -159,7 +155,7 @@ class LookupCache:
         """Answer a request ``wants`` took, from the cache or upstream."""
         if request.method == "POST" and _UPLOAD.match(request.raw_path):
             return await self._upload(request)
-        directives = _directives(",".join(request.headers.getall("Cache-Control", ())))
+        directives = _asked(request)
         if "no-store" in directives:
             return await self._bypass(request)
         body, digest = None, ""
@@ -307,12 +303,12 @@ class LookupCache:
         """Whether an answer is one a stale entry is served instead of."""
         if answer.status >= 500:
             return True
-        return answer.status == 429 and _error_code(answer) == _QUOTA_USED_UP
+        return answer.status == 429 and error_code(answer.body) == USED_UP
 
     def _store(self, key: bytes, answer: Answer) -> None:
         if answer.status == 200:
             ttl = self._ttl
-        elif answer.status == 404 and _error_code(answer) == _NOT_FOUND:
+        elif answer.status == 404 and error_code(answer.body) == _NOT_FOUND:
             ttl = self._miss_ttl
         else:
             return
@@ -345,7 +341,7 @@ class LookupCache:
         return await self._forwarder(request, body=body, cache_status="BYPASS")
 
     async def _upload(self, request: web.BaseRequest) -> web.StreamResponse:
-        directives = _directives(",".join(request.headers.getall("Cache-Control", ())))
+        directives = _asked(request)
         body = self._forwarder.body_of(request) if "no-store" not in directives else None
         if body is None:
             return await self._bypass(request)

@@ -133,14 +133,9 @@ def token_refused(status: int, headers: CIMultiDictProxy[str], body: bytes) -> b
 
 
 async def _peek(resp: aiohttp.ClientResponse) -> bytes:
-    """Read the start of a (small) 401 answer so it can be inspected and still passed on."""
-    data = bytearray()
-    while len(data) < _PEEK_LIMIT:
-        chunk = await resp.content.readany()
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data)
+    """Read the start of a (small) 401 or 429 answer so it can be inspected and still passed
+    on."""
+    return await read_up_to(resp, _PEEK_LIMIT)
 
 
 def _token_refused_by_hanging_up(exc: BaseException, body: ReplayableBody | None) -> bool:

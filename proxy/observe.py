@@ -34,6 +34,7 @@ __all__ = [
     "Traffic",
     "readiness",
     "request_target",
+    "utc_time",
 ]
 
 log = logging.getLogger("mdcloud_proxy.access")
@@ -311,6 +312,11 @@ class Metrics:
         )
 
 
+def utc_time(wall: float) -> str:
+    """A wall-clock time as people and logs read it: 2026-11-27T09:14:02Z."""
+    return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def readiness(tokens: TokenCache, traffic: Traffic, clock: Clock) -> web.Response:
     """200 while a valid token is held and the proxy is not stopping; 503 saying why not."""
     if traffic.draining:
@@ -325,6 +331,5 @@ def readiness(tokens: TokenCache, traffic: Traffic, clock: Clock) -> web.Respons
         return error_response(503, 503020, "not ready: fetching the first access token")
     since = ""
     if tokens.failing_since is not None:
-        when = datetime.fromtimestamp(tokens.failing_since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        since = f" (failing since {when})"
+        since = f" (failing since {utc_time(tokens.failing_since)})"
     return error_response(503, 503020, f"not ready: no access token: {error.message}{since}")

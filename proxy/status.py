@@ -9,14 +9,13 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
 from . import __version__
 from .cache import LookupCache
-from .observe import Metrics
+from .observe import Metrics, utc_time
 from .quota import QuotaWatch
 from .tokens import TokenCache
 
@@ -27,7 +26,7 @@ REFRESH_SECONDS = 5
 
 
 def _when(wall: float | None) -> str | None:
-    return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if wall else None
+    return utc_time(wall) if wall else None
 
 
 def status(
