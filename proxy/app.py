@@ -7,9 +7,9 @@ owns the order of steps; the app's router answers only the proxy's own ``/-/`` e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
+import hmac
 import logging
 import ssl
 import time
@@ -30,6 +30,7 @@ from .observe import Metrics, Traffic, readiness
 from .pipeline import Pipeline
 from .quota import QuotaWatch
 from .route import Route
+from .shared import SharedStore
 from .status import page, status
 from .tokens import ClientCredentials, TokenCache
 
@@ -56,6 +57,7 @@ METRICS = web.AppKey("metrics", Metrics)
 TRAFFIC = web.AppKey("traffic", Traffic)
 QUOTA = web.AppKey("quota", QuotaWatch)
 GUARD = web.AppKey("guard", LookupCache)
+SHARED = web.AppKey("shared", SharedStore)
 STARTED = web.AppKey("started", float)
 
 # Not '.*': routes match the decoded path, and '.' would not match an encoded newline (%0A).
@@ -80,6 +82,30 @@ def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
 def outbound_route(config: Config) -> Route:
     """How the proxy reaches the upstream and the token endpoint (direct, or which proxy)."""
     return Route(config.proxy, config.proxy_from_file, dict(config.proxy_environment))
+
+
+def shared_store(
+    config: Config, metrics: Metrics, clock: Callable[[], float]
+) -> SharedStore | None:
+    """The fleet's store in Redis, if ``cache.redis_url`` is set."""
+    if config.redis_url is None:
+        return None
+    # Replicas of one account share state; nothing in a key or value gives a secret away:
+    # keys hold digests, and values are sealed with a key derived from the client secret.
+    account = hashlib.sha256(
+        f"{config.token_url}\0{config.client_id}\0{config.api_key or ''}".encode()
+    ).hexdigest()[:32]
+    seal_key = hmac.digest(config.client_secret.encode(), b"mdcloud-proxy redis seal", "sha256")
+    return SharedStore(
+        config.redis_url,
+        prefix=config.redis_prefix,
+        account=account,
+        seal_key=seal_key,
+        timeout=config.redis_timeout,
+        lock_timeout=config.lock_timeout,
+        metrics=metrics,
+        clock=clock,
+    )
 
 
 def client_session(
@@ -130,6 +156,7 @@ def _ops_routes(
             tokens=app[TOKENS],
             quota=app[QUOTA],
             cache=app.get(GUARD),
+            shared=app.get(SHARED),
             metrics=app[METRICS],
             started=app[STARTED],
             clock=clock,
@@ -213,6 +240,15 @@ def create_app(
         metrics.watch(traffic, lambda: tokens.current, clock)
         app[TOKENS] = tokens
         quota = app[QUOTA] = QuotaWatch(metrics, max_wait=config.throttle_max_wait, clock=clock)
+        shared = shared_store(config, metrics, clock)
+        if shared is not None:
+            app[SHARED] = shared
+            quota.on_window = shared.tell_window
+            log.info(
+                "the quota guard is shared through Redis at %s (keys %s...)",
+                shared.address,
+                config.redis_prefix,
+            )
         app[FORWARDER] = Forwarder(
             session=session,
             tokens=tokens,
@@ -244,6 +280,7 @@ def create_app(
                 max_entry_size=config.cache_max_entry_size,
                 uploads=config.cache_uploads,
                 upload_ttl=config.cache_upload_ttl,
+                shared=shared,
                 clock=clock,
             )
         if cache is not None:
@@ -257,13 +294,18 @@ def create_app(
             max_body_size=config.max_body_size,
         )
         app[ENTRY] = pipeline
-        keeper = asyncio.create_task(tokens.keep_fresh())
+        keepers = [asyncio.create_task(tokens.keep_fresh())]
+        if shared is not None:
+            await shared.warm_up()
+            keepers.append(asyncio.create_task(shared.keep_in_step(quota)))
         yield
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
+        for keeper in keepers:
+            keeper.cancel()
+        await asyncio.gather(*keepers, return_exceptions=True)
         if cache is not None:
             await cache.close()
+        if shared is not None:
+            await shared.close()
         await tokens.close()
         await session.close()
         await token_session.close()

@@ -9,6 +9,11 @@ up, 5xx, unreachable) an entry up to ``cache.stale_ttl`` past its lifetime is se
 same scan options gets the earlier answer (its ``data_id``). Every answer on a cacheable route
 says how it was served in ``X-Cache-Status``: MISS, HIT, BYPASS or STALE.
 
+With a ``SharedStore`` (``cache.redis_url``), the answers and uploads are kept in Redis as well,
+and a flight goes upstream in one replica of the fleet only: requests coalesce in process
+first, then the flight asks Redis (one round trip), and only then the upstream, under the
+fleet's lock for the key, while other replicas wait for its answer (proxy/shared.py).
+
 The key is written down in ``LookupCache.key``: the upstream identity (digests of the OAuth
 client id and the apikey that goes upstream), method, raw path (a hash folded to lower case),
 query, the body's digest, and every request header but those in ``IGNORED_HEADERS``.
@@ -19,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
+import json
 import logging
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from cachetools import LRUCache, TTLCache
@@ -33,6 +40,7 @@ from .errors import ProxyError
 from .forward import CACHE_STATUS, NOT_FORWARDED, Answer, Captured, Forwarder
 from .observe import CACHE, Metrics, request_target
 from .quota import USED_UP, error_code
+from .shared import Claim, SharedStore
 
 __all__ = ["IGNORED_HEADERS", "LookupCache"]
 
@@ -65,10 +73,13 @@ IGNORED_HEADERS = NOT_FORWARDED | {
 UPLOADS_KEPT = 10_000  # answers of uploads remembered for dedup, newest first
 _NOT_FOUND = 404003
 _ENTRY_OVERHEAD = 256  # bytes an entry costs besides its body and headers
+ANSWERS, UPLOADS = "answer", "upload"  # what the fleet's store keeps, apart
 
 
 @dataclass(frozen=True)
 class _Entry:
+    """A kept answer and its times, on this process's clock."""
+
     answer: Answer
     stored_at: float
     fresh_until: float
@@ -78,6 +89,42 @@ class _Entry:
     def size(self) -> int:
         headers = sum(len(k) + len(v) for k, v in self.answer.headers)
         return len(self.answer.body) + headers + _ENTRY_OVERHEAD
+
+    def encode(self, to_wall: Callable[[float], float]) -> bytes:
+        """The entry for the fleet's store (its times as every replica reads them)."""
+        answer = self.answer
+        head = {
+            "status": answer.status,
+            "reason": answer.reason,
+            "headers": answer.headers,
+            "stored_at": to_wall(self.stored_at),
+            "fresh_until": to_wall(self.fresh_until),
+            "stale_until": to_wall(self.stale_until),
+        }
+        return json.dumps(head, separators=(",", ":")).encode() + b"\n" + answer.body
+
+    @classmethod
+    def decode(cls, value: bytes, from_wall: Callable[[float], float]) -> _Entry | None:
+        """An entry from the fleet's store, or None if it is not one."""
+        line, _, body = value.partition(b"\n")
+        try:
+            head: Any = json.loads(line)
+            status, reason, headers = head["status"], head["reason"], head["headers"]
+            times = [from_wall(float(head[k])) for k in ("stored_at", "fresh_until", "stale_until")]
+        except (ValueError, TypeError, KeyError):
+            return None
+        pairs = [tuple(pair) for pair in headers] if isinstance(headers, list) else None
+        if (
+            not (isinstance(status, int) and 100 <= status <= 599 and isinstance(reason, str))
+            or pairs is None
+            or not all(len(p) == 2 and all(_header_text(x) for x in p) for p in pairs)
+        ):
+            return None
+        return cls(Answer(status, reason, pairs, body), *times)
+
+
+# What a flight ends with: the upstream's answer, the fleet's, or why there is none.
+_Flown = Captured | _Entry | ProxyError
 
 
 def _directives(value: str) -> set[str]:
@@ -106,6 +153,7 @@ class LookupCache:
         max_entry_size: int,
         uploads: bool,
         upload_ttl: float,
+        shared: SharedStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._forwarder = forwarder
@@ -115,13 +163,17 @@ class LookupCache:
         self._ttl, self._miss_ttl, self._stale_ttl = ttl, miss_ttl, stale_ttl
         self._max_entry_size = max_entry_size
         self._uploads = uploads
+        self._upload_ttl = upload_ttl
+        self._shared = shared
+        # What may come back from the fleet's store: an entry's body and headers, escaped.
+        self._fleet_limit = 2 * max_entry_size + 65536
         self._clock = clock
         self._entries: LRUCache[bytes, _Entry] = LRUCache(
             maxsize=max_size, getsizeof=lambda entry: entry.size
         )
-        self._inflight: dict[bytes, asyncio.Task[Captured | ProxyError]] = {}
-        self._flights: set[asyncio.Task[Captured | ProxyError]] = set()
-        self._uploaded: TTLCache[bytes, Answer] = TTLCache(
+        self._inflight: dict[bytes, asyncio.Task[_Flown]] = {}
+        self._flights: set[asyncio.Task[_Flown]] = set()
+        self._uploaded: TTLCache[bytes, _Entry] = TTLCache(
             maxsize=UPLOADS_KEPT, ttl=upload_ttl, timer=clock
         )
         metrics.cache_entries.set_function(lambda: self.entries)
@@ -179,7 +231,8 @@ class LookupCache:
             flight = self._inflight.get(key)
             leader = flight is None
             if flight is None:
-                flight = self._fly(request, key, body, self._store)
+                refresh = "no-cache" in directives
+                flight = self._fly(request, key, body, ANSWERS, refresh=refresh)
                 handed = True
             else:
                 self._metrics.cache_coalesced.inc()
@@ -193,10 +246,12 @@ class LookupCache:
         request: web.BaseRequest,
         key: bytes,
         body: ReplayableBody | None,
-        store: Callable[[bytes, Answer], None],
-    ) -> asyncio.Task[Captured | ProxyError]:
+        space: str,
+        *,
+        refresh: bool = False,
+    ) -> asyncio.Task[_Flown]:
         """Send ``request`` upstream for everybody who asks for ``key`` meanwhile."""
-        flight = asyncio.create_task(self._fetch(request, key, body, store))
+        flight = asyncio.create_task(self._fetch(request, key, body, space, refresh))
         self._inflight[key] = flight
         self._flights.add(flight)
         flight.add_done_callback(lambda _: self._inflight.pop(key, None))
@@ -240,7 +295,7 @@ class LookupCache:
         self,
         request: web.BaseRequest,
         key: bytes,
-        flight: asyncio.Task[Captured | ProxyError],
+        flight: asyncio.Task[_Flown],
         leader: bool,
         stale: _Entry | None,
         body: ReplayableBody | None,
@@ -255,6 +310,9 @@ class LookupCache:
                 flight.add_done_callback(_close_unread)
             raise
         now = self._clock()
+        if isinstance(result, _Entry):  # another replica's answer, from the fleet's store
+            return self._serve(request, result.answer, "HIT", now - result.stored_at)
+        stale = stale or self._stale(key, now)  # perhaps one the fleet's store had
         if isinstance(result, ProxyError):
             if stale is not None:
                 return self._serve(request, stale.answer, "STALE", now - stale.stored_at)
@@ -273,9 +331,8 @@ class LookupCache:
             if _private(answer):  # another caller's cookie is not to be shared
                 return await self._bypass(request, body)
             return self._serve(request, answer, "HIT", 0.0)
-        entry = self._entries.get(key)
-        stored = entry is not None and entry.answer is answer
-        stored = stored or self._uploaded.get(key) is answer
+        kept = self._entries.get(key) or self._uploaded.get(key)
+        stored = kept is not None and kept.answer is answer
         return self._serve(request, answer, "MISS" if stored else "BYPASS", None)
 
     async def _fetch(
@@ -283,21 +340,84 @@ class LookupCache:
         request: web.BaseRequest,
         key: bytes,
         body: ReplayableBody | None,
-        store: Callable[[bytes, Answer], None],
-    ) -> Captured | ProxyError:
+        space: str,
+        refresh: bool,
+    ) -> _Flown:
+        """A flight: the fleet's answer if it has one, else the upstream's (kept)."""
+        lead = None  # the fleet's lock on ``key``, ours until released
         try:
-            captured = await self._forwarder.capture(request, self._max_entry_size, body)
-        except ProxyError as exc:
-            return exc
-        except Exception as exc:  # nobody may be waiting: no exception must be left unread
-            log.error("a cached lookup's upstream request failed: %s", type(exc).__name__)
-            return ProxyError("the upstream request failed inside the proxy", code=500001)
+            if self._shared is not None:
+                found, lead = await self._ask_fleet(space, key, refresh)
+                if found is not None:
+                    return found
+            try:
+                captured = await self._forwarder.capture(request, self._max_entry_size, body)
+            except ProxyError as exc:
+                return exc
+            except Exception as exc:  # nobody may be waiting: no exception must be left unread
+                log.error("a cached lookup's upstream request failed: %s", type(exc).__name__)
+                return ProxyError("the upstream request failed inside the proxy", code=500001)
+            kept = None
+            if captured.answer is not None:
+                keep = self._remember_upload if space == UPLOADS else self._store
+                kept = keep(key, captured.answer)
+            if kept is not None and self._shared is not None:
+                value = kept.encode(self._shared.to_wall)
+                if len(value) <= self._fleet_limit:
+                    ttl = kept.stale_until - self._clock()
+                    await self._shared.store(space, key, value, ttl)
+            return captured
         finally:
             if body is not None:
                 body.close()
-        if captured.answer is not None:
-            store(key, captured.answer)
-        return captured
+            if lead is not None and self._shared is not None:
+                await self._shared.release(key, lead)  # after storing: followers find it
+
+    async def _ask_fleet(
+        self, space: str, key: bytes, refresh: bool
+    ) -> tuple[_Entry | None, str | None]:
+        """A fresh answer the fleet's store has for ``key``, or the lock to ask the upstream
+        for it (None: another replica asked, gave up, or Redis could not say)."""
+        assert self._shared is not None
+        shared, limit = self._shared, self._fleet_limit
+        found = self._adopt(space, key, await shared.load(space, key, limit))
+        if found is not None and not refresh:
+            return self._fresh(space, found), None
+        claim, token, value = await shared.claim(space, key, limit)
+        found = self._adopt(space, key, value)
+        if claim is Claim.FOLLOW and found is None:
+            # Another replica asks the upstream; its answer is newer than this request.
+            found = self._adopt(space, key, await shared.follow(space, key, limit))
+            refresh = False
+        found = None if refresh else found
+        lead = token if claim is Claim.LEAD else None
+        return self._fresh(space, found), lead
+
+    def _adopt(self, space: str, key: bytes, value: bytes | None) -> _Entry | None:
+        """An entry from the fleet's store, kept here too (fresh or, for STALE, not)."""
+        if value is None or self._shared is None:
+            return None
+        entry = _Entry.decode(value, self._shared.from_wall)
+        now = self._clock()
+        if entry is None or now >= entry.stale_until:
+            return None
+        if space == UPLOADS:
+            self._uploaded[key] = entry
+        elif entry.size <= min(self._max_entry_size, self._entries.maxsize):
+            self._entries[key] = entry
+        return entry
+
+    def _fresh(self, space: str, entry: _Entry | None) -> _Entry | None:
+        if entry is None or self._clock() >= entry.fresh_until:
+            return None
+        if space == UPLOADS:
+            self._metrics.upload_dedup.inc()
+            log.info("an upload the fleet has answered before: its answer")
+        return entry
+
+    def _stale(self, key: bytes, now: float) -> _Entry | None:
+        entry = self._entries.get(key)
+        return entry if entry is not None and now < entry.stale_until else None
 
     def _failed(self, answer: Answer) -> bool:
         """Whether an answer is one a stale entry is served instead of."""
@@ -305,20 +425,22 @@ class LookupCache:
             return True
         return answer.status == 429 and error_code(answer.body) == USED_UP
 
-    def _store(self, key: bytes, answer: Answer) -> None:
+    def _store(self, key: bytes, answer: Answer) -> _Entry | None:
+        """Keep a lookup's answer if it is one to keep; the entry kept."""
         if answer.status == 200:
             ttl = self._ttl
         elif answer.status == 404 and error_code(answer.body) == _NOT_FOUND:
             ttl = self._miss_ttl
         else:
-            return
+            return None
         if _private(answer):
-            return
+            return None
         now = self._clock()
         entry = _Entry(answer, now, now + ttl, now + ttl + self._stale_ttl)
         if entry.size > min(self._max_entry_size, self._entries.maxsize):
-            return
+            return None
         self._entries[key] = entry
+        return entry
 
     def _count(self, request: web.BaseRequest, status: str) -> None:
         request[CACHE] = status
@@ -355,19 +477,23 @@ class LookupCache:
                 self._metrics.upload_dedup.inc()
                 log.info("%s: the same upload as another: its answer", request_target(request))
             if earlier is not None:
-                return self._serve(request, earlier, "HIT", None)
+                return self._serve(request, earlier.answer, "HIT", None)
             leader = flight is None
             if flight is None:
-                flight = self._fly(request, key, body, self._remember_upload)
+                flight = self._fly(request, key, body, UPLOADS)
                 handed = True
             return await self._answer(request, key, flight, leader, None, None if handed else body)
         finally:
             if not handed:
                 body.close()
 
-    def _remember_upload(self, key: bytes, answer: Answer) -> None:
-        if answer.status == 200 and b'"data_id"' in answer.body:
-            self._uploaded[key] = answer
+    def _remember_upload(self, key: bytes, answer: Answer) -> _Entry | None:
+        if answer.status != 200 or b'"data_id"' not in answer.body or _private(answer):
+            return None
+        now = self._clock()
+        until = now + self._upload_ttl
+        entry = self._uploaded[key] = _Entry(answer, now, until, until)
+        return entry
 
 
 def _private(answer: Answer) -> bool:
@@ -381,7 +507,11 @@ def _private(answer: Answer) -> bool:
     return False
 
 
-def _close_unread(flight: asyncio.Task[Captured | ProxyError]) -> None:
+def _header_text(value: object) -> bool:
+    return isinstance(value, str) and "\r" not in value and "\n" not in value
+
+
+def _close_unread(flight: asyncio.Task[_Flown]) -> None:
     """A too-long answer whose first caller left: nobody will read the rest of it."""
     if not flight.cancelled() and flight.exception() is None:
         result = flight.result()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from redis.asyncio.connection import parse_url as parse_redis_url
 from yarl import URL
 
 from .errors import ConfigError
@@ -177,17 +178,18 @@ def _keys(value: object) -> tuple[str, ...]:
     return keys
 
 
-_DURATION_RE = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*([smh]?)\s*$")
-_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+_DURATION_RE = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|[smh]?)\s*$")
+_DURATION_UNITS = {"": 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600}
 
 
 def _seconds(value: object) -> float:
-    """A duration in seconds: a number, or a string such as ``90``, ``1.5s``, ``15m``, ``24h``."""
+    """A duration in seconds: a number, or a string such as ``90``, ``1.5s``, ``50ms``, ``15m``,
+    ``24h``."""
     if isinstance(value, str):
         match = _DURATION_RE.match(value)
         if match is None:
             raise ValueError(
-                f"{value!r} is not a number of seconds or a duration such as 90s, 15m or 24h"
+                f"{value!r} is not a number of seconds or a duration such as 90s, 50ms, 15m or 24h"
             )
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -228,6 +230,32 @@ def _proxy_url(value: object) -> str:
     if text.lower() == "none":
         return "none"
     return str(proxy_url(text))
+
+
+def _redis_url(value: object) -> str:
+    """``redis://[user:password@]host:port/db``, ``rediss://`` (TLS) or ``unix:///path``."""
+    text = _secret(value)
+    url = URL(text)
+    # Quote the URL without its user:password part: that may be a secret.
+    shown = repr(str(url.with_user(None).with_password(None))) if url.is_absolute() else "it"
+    if url.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{shown} is not a redis://, rediss:// or unix:// URL")
+    if url.scheme != "unix" and not url.host:
+        raise ValueError(f"{shown} has no host")
+    if url.scheme == "unix" and not url.path.startswith("/"):
+        raise ValueError(f"{shown} has no socket path")
+    try:
+        parse_redis_url(text)
+    except ValueError:
+        raise ValueError(f"{shown} is not a URL redis-py accepts (database or options)") from None
+    return text
+
+
+def _redis_prefix(value: object) -> str:
+    text = _text(value)
+    if len(text) > 64 or not text.isascii() or not text.isprintable() or " " in text:
+        raise ValueError(f"{text!r} must be up to 64 printable ASCII characters, no spaces")
+    return text
 
 
 def _ca_bundle(value: object) -> str:
@@ -462,6 +490,28 @@ class Config:
     )
     cache_upload_ttl: float = setting(
         "cache.upload_ttl", _seconds, 86400.0, doc="how long an upload's answer is remembered"
+    )
+    redis_url: str | None = setting(
+        "cache.redis_url",
+        _redis_url,
+        None,
+        secret=True,
+        doc="Redis shared by replicas: redis://[user:password@]host:port/db, rediss://, unix://",
+    )
+    redis_prefix: str = setting(
+        "cache.redis_prefix", _redis_prefix, "mdcloud-proxy:", doc="the start of every Redis key"
+    )
+    redis_timeout: float = setting(
+        "cache.redis_timeout",
+        _positive_seconds,
+        0.05,
+        doc="the most a Redis call may add to a request",
+    )
+    lock_timeout: float = setting(
+        "cache.lock_timeout",
+        _positive_seconds,
+        10.0,
+        doc="how long replicas wait for the one asking the upstream",
     )
     # Not settings: where the outbound proxy may come from besides upstream.proxy, read by
     # load_config, so that the route depends on what it was given, never on os.environ later.

@@ -198,6 +198,21 @@ class Metrics:
             ["limit"],
             registry=self.registry,
         )
+        self.redis_errors = Counter(
+            prefix + "redis_errors",
+            "Redis calls of the shared quota guard that failed, by reason (timeout, "
+            "unreachable, refused, invalid: a value this fleet did not write); each one "
+            "only cost the request its sharing.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("timeout", "unreachable", "refused", "invalid"):
+            self.redis_errors.labels(reason)
+        self.redis_degraded = Gauge(
+            prefix + "redis_degraded",
+            "1 while Redis does not answer and the quota guard works in this process alone.",
+            registry=self.registry,
+        )
         self.body_memory = Gauge(
             prefix + "body_memory_bytes",
             "Request body bytes held in memory for replays or waiting for the spill file "

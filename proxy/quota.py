@@ -11,11 +11,13 @@ could not help. Every answer's ``X-RateLimit-*`` headers feed the quota gauges a
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ProxyError
 from .observe import Metrics
@@ -49,6 +51,10 @@ def _seconds(value: str | None) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def error_code(body: bytes) -> int | None:
     """The code of a MetaDefender error body, or None."""
     try:
@@ -68,6 +74,7 @@ class Limit:
     remaining: int | None = None
     resets_at: float | None = None  # on the monotonic clock
     interval: str | None = None
+    seen_at: float = float("-inf")  # when an answer last told of it
 
 
 class Throttled(ProxyError):
@@ -101,6 +108,10 @@ class QuotaWatch:
         # the polls of their results, nor one on bulk lookups the single ones.
         self._kind_limits: dict[str, str] = {}
         self._closed_until: dict[str, float] = {}
+        # For a fleet (proxy/shared.py): the limits whose figures changed since the last
+        # ``changed()``, and who to tell of a throttle's window (kind, limit type, until).
+        self._changed: set[str] = set()
+        self.on_window: Callable[[str, str | None, float], None] | None = None
 
     def __repr__(self) -> str:
         return f"QuotaWatch(limits={sorted(self.limits)})"
@@ -137,6 +148,8 @@ class QuotaWatch:
             if wait is not None and (kind in self._closed_until or len(self._closed_until) < KINDS):
                 until = now + min(wait, MAX_WINDOW)
                 self._closed_until[kind] = max(self._closed_until.get(kind, 0.0), until)
+                if self.on_window is not None:
+                    self.on_window(kind, headers.get("X-RateLimit-For"), until)
         name = headers.get("X-RateLimit-For")
         if not name or (name not in self.limits and len(self.limits) >= LIMIT_TYPES):
             return
@@ -159,6 +172,67 @@ class QuotaWatch:
         if reset is not None:
             limit.resets_at = now + reset
         limit.interval = headers.get("X-RateLimit-Interval", limit.interval)
+        limit.seen_at = now
+        self._changed.add(name)
+
+    def changed(self, to_wall: Callable[[float], float]) -> dict[str, dict[str, Any]]:
+        """The figures of the limits that answers told of since the last call, for the fleet
+        (times as ``to_wall`` makes them)."""
+        figures = {}
+        for name in sorted(self._changed):
+            limit = self.limits[name]
+            figures[name] = {
+                "limit": limit.limit,
+                "remaining": limit.remaining,
+                "resets_at": None if limit.resets_at is None else to_wall(limit.resets_at),
+                "interval": limit.interval,
+                "seen_at": to_wall(limit.seen_at),
+            }
+        self._changed.clear()
+        return figures
+
+    def merge_limit(
+        self, name: str, figures: Mapping[str, Any], from_wall: Callable[[float], float]
+    ) -> None:
+        """Take another replica's figures of a limit type, if they are newer than ours."""
+        seen_at, resets_at = figures.get("seen_at"), figures.get("resets_at")
+        counts = [figures.get("limit"), figures.get("remaining")]
+        interval = figures.get("interval")
+        if not _number(seen_at) or not (resets_at is None or _number(resets_at)):
+            return
+        if not all(c is None or (isinstance(c, int) and not isinstance(c, bool)) for c in counts):
+            return
+        if not (interval is None or (isinstance(interval, str) and len(interval) <= 64)):
+            return
+        if not name or len(name) > 64:
+            return
+        limit = self.limits.get(name)
+        if limit is None:
+            if len(self.limits) >= LIMIT_TYPES:
+                return
+            limit = self.limits[name] = Limit(name)
+            self._metrics.watch_limit(name, lambda: self.limits[name], self._clock)
+        seen = from_wall(float(seen_at))  # type: ignore[arg-type]
+        if seen <= limit.seen_at:
+            return
+        limit.limit, limit.remaining = counts
+        limit.resets_at = None if resets_at is None else from_wall(resets_at)
+        limit.interval, limit.seen_at = interval, seen
+
+    def merge_window(self, window: Mapping[str, Any], from_wall: Callable[[float], float]) -> None:
+        """Take a throttle window another replica saw."""
+        kind, name, until = window.get("kind"), window.get("limit"), window.get("until")
+        if not isinstance(kind, str) or len(kind) > 256 or not _number(until):
+            return
+        until = from_wall(float(until))  # type: ignore[arg-type]
+        left = until - self._clock()
+        if left <= 0 or left > MAX_WINDOW:
+            return
+        if kind in self._closed_until or len(self._closed_until) < KINDS:
+            self._closed_until[kind] = max(self._closed_until.get(kind, 0.0), until)
+        known = kind in self._kind_limits or len(self._kind_limits) < KINDS
+        if isinstance(name, str) and 0 < len(name) <= 64 and known:
+            self._kind_limits[kind] = name
 
     def wait_for(
         self, status: int, headers: Mapping[str, str], code: int | None, tries: int, left: float

@@ -17,6 +17,7 @@ from . import __version__
 from .cache import LookupCache
 from .observe import Metrics, utc_time
 from .quota import QuotaWatch
+from .shared import SharedStore
 from .tokens import TokenCache
 
 __all__ = ["page", "status"]
@@ -34,6 +35,7 @@ def status(
     tokens: TokenCache,
     quota: QuotaWatch,
     cache: LookupCache | None,
+    shared: SharedStore | None,
     metrics: Metrics,
     started: float,
     clock: Clock,
@@ -87,6 +89,13 @@ def status(
             "hit_ratio": round((served["hit"] + served["stale"]) / looked_up, 3)
             if looked_up
             else None,
+            # Shared with the fleet through Redis (None: this process only); "degraded"
+            # while Redis does not answer and each replica works alone.
+            "shared": None if shared is None else shared.address,
+            "degraded": shared is not None and shared.degraded,
+            "degraded_for_s": None
+            if shared is None or shared.degraded_for is None
+            else round(shared.degraded_for),
         },
         "throttle_waits": waits,
     }
@@ -125,6 +134,13 @@ def page(state: dict[str, Any]) -> web.Response:
         if cache["enabled"]
         else "off"
     )
+    if cache["degraded"]:
+        guard += (
+            f"; cache degraded: Redis ({cache['shared']}) has not answered for "
+            f"{cache['degraded_for_s']} s, this replica works alone"
+        )
+    elif cache["shared"]:
+        guard += f"; shared through Redis ({cache['shared']})"
     waits = ", ".join(f"{k} {v}" for k, v in sorted(state["throttle_waits"].items())) or "none"
     limits = "".join(rows) or '<tr><td colspan="4">no answer has told of a quota yet</td></tr>'
     body = f"""<!doctype html>

@@ -523,7 +523,7 @@ DURATIONS = [
 @pytest.mark.parametrize(
     ("given", "seconds"),
     [("90", 90), ("90s", 90), ("15m", 900), ("24h", 86400), ("1.5s", 1.5), (" 2 h ", 7200),
-     ("0.5m", 30), (".25", 0.25), ("45", 45), (45, 45), (2.5, 2.5)],
+     ("0.5m", 30), (".25", 0.25), ("45", 45), (45, 45), (2.5, 2.5), ("1500ms", 1.5)],
 )  # fmt: skip
 def test_durations_take_a_unit(tmp_path, given, seconds):
     """Every duration, in the file or the environment; quotas will count in minutes and hours."""
@@ -538,14 +538,15 @@ def test_durations_take_a_unit(tmp_path, given, seconds):
 
 
 @pytest.mark.parametrize(
-    "given", ["soon", "15 minutes", "1d", "15M", "m", "1e3", "inf", "nan", "1.5.0", "5ms"]
+    "given", ["soon", "15 minutes", "1d", "15M", "m", "1e3", "inf", "nan", "1.5.0", "5 MS", "ms5"]
 )
 def test_anything_else_is_not_a_duration(given):
     for key, _ in DURATIONS:
         with pytest.raises(ConfigError) as info:
             load_config(environ={**ENV, KEYS[key].env: given})
         assert str(info.value) == (
-            f"{key}: {given!r} is not a number of seconds or a duration such as 90s, 15m or 24h"
+            f"{key}: {given!r} is not a number of seconds or a duration such as 90s, 50ms, 15m "
+            "or 24h"
         )
 
 

@@ -1,0 +1,524 @@
+"""Fleets: replicas share the quota guard through a real redis-server on loopback.
+
+Each replica is a proxy process of its own (``python -m proxy``), in front of the simulator
+in this process; Redis is started per test on a free port, without persistence, and stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from proxy import Simulator
+
+from .conftest import API_KEY, CLIENT_ID, CLIENT_SECRET, account_env, scrape, spawn
+
+REDIS_SERVER = Path("/usr/bin/redis-server")
+REDIS_PASSWORD = "r3dis-passw0rd-value"
+IP = "192.0.2.1"  # an address to look up (TEST-NET: only the simulator answers for it)
+
+
+def ip(i: int) -> str:
+    return f"198.51.{100 + i // 256}.{i % 256}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of one test; ``stop()``/``start()`` take it down and bring it back on
+    the same port, empty (no persistence)."""
+
+    folder: Path
+    password: str | None = None
+    port: int = field(default_factory=free_port)
+    proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def client(self) -> aioredis.Redis:
+        return aioredis.Redis(port=self.port, password=self.password, socket_timeout=5)
+
+    async def start(self, *settings: str) -> None:
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+        args += ["no", "--dir", str(self.folder), "--logfile", str(self.folder / "redis.log")]
+        args += ["--enable-debug-command", "local"]  # DEBUG SLEEP: a Redis that is slow
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = await asyncio.create_subprocess_exec(str(REDIS_SERVER), *args, *settings)
+        async with self.client() as probe, asyncio.timeout(10):
+            while True:
+                try:
+                    if await probe.ping():
+                        return
+                except aioredis.ConnectionError:
+                    await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+        self.proc = None
+
+    def pause(self) -> None:
+        """A Redis that answers nothing: connections open, the process stopped."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    async def dump(self) -> dict[bytes, Any]:
+        """Every key and its value (strings and hashes), as a reader of the Redis sees them."""
+        found: dict[bytes, Any] = {}
+        async with self.client() as r:
+            async for key in r.scan_iter(count=1000):
+                kind = await r.type(key)
+                found[key] = await (r.hgetall(key) if kind == b"hash" else r.get(key))
+        return found
+
+
+@pytest.fixture(autouse=True)
+def redis_installed() -> None:
+    """CI installs redis-server (.ci/run): a missing one fails these tests, it does not skip."""
+    assert REDIS_SERVER.exists(), "redis-server is not installed: apt-get install redis-server"
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    await server.start()
+    yield server
+    if server.proc is not None and server.proc.returncode is None:
+        server.resume()
+    await server.stop()
+
+
+@dataclass
+class Replica:
+    """A proxy process; its output is read all along (a full pipe would stall it)."""
+
+    proc: asyncio.subprocess.Process
+    url: str = ""
+    lines: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    async def started(self) -> None:
+        """Read the output up to the line that says where it listens; the rest meanwhile."""
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(15):
+            while not self.url:
+                line = (await self.proc.stdout.readline()).decode(errors="replace")
+                assert line, "the proxy ended:\n" + self.log
+                self.lines.append(line)
+                match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+                self.url = match.group(1) if match else ""
+        self.reader = asyncio.create_task(self.read())
+
+    async def read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.lines.append(line.decode(errors="replace"))
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    async def status(self, client: aiohttp.ClientSession) -> dict[str, Any]:
+        async with client.get(self.url + "/-/status") as resp:
+            result: dict[str, Any] = await resp.json()
+            return result
+
+
+@pytest.fixture
+async def fleet_sim(
+    start: Callable[..., Awaitable[int]],
+) -> AsyncIterator[tuple[Simulator, str]]:
+    """The simulator on a real clock: the replicas are processes with their own clocks."""
+    sim = Simulator(CLIENT_ID, CLIENT_SECRET, api_key=API_KEY, max_requests=100_000)
+    port = await start(sim.app())
+    yield sim, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def replicas(
+    fleet_sim: tuple[Simulator, str],
+) -> AsyncIterator[Callable[..., Awaitable[list[Replica]]]]:
+    """Start proxy processes against the simulator, each with ``env`` on top of the
+    account; all stop at the end."""
+    started: list[Replica] = []
+    _, upstream = fleet_sim
+
+    async def _start(count: int, **env: str) -> list[Replica]:
+        settings = {**account_env(upstream), "MDCLOUD_API_KEY": API_KEY, **env}
+        procs = [await spawn("--port", "0", env=settings) for _ in range(count)]
+        fresh = [Replica(proc) for proc in procs]
+        started.extend(fresh)
+        for replica in fresh:
+            await replica.started()
+        return fresh
+
+    yield _start
+    for replica in started:
+        if replica.proc.returncode is None:
+            replica.proc.terminate()
+        async with asyncio.timeout(20):
+            await replica.proc.wait()
+        if replica.reader is not None:
+            await replica.reader
+        print(f"--- {replica.url}\n{replica.log}")  # pytest shows it when a test fails
+
+
+def shared(server: RedisServer, **more: str) -> dict[str, str]:
+    """Replicas sharing ``server``. A Redis call may take up to a second here, not 50 ms:
+    these tests are about what is shared, on a machine that may be busy; the bound on what
+    Redis adds has tests of its own, at 50 ms."""
+    return {
+        "MDCLOUD_PROXY_CACHE_REDIS_URL": server.url,
+        "MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT": "1s",
+        **more,
+    }
+
+
+async def lookup(client: aiohttp.ClientSession, base: str, value: str) -> tuple[int, str, float]:
+    """Status, X-Cache-Status and seconds taken of one IP lookup (its answer checked)."""
+    began = time.monotonic()
+    async with client.get(f"{base}/v4/ip/{value}") as resp:
+        body = await resp.json()
+        if resp.status == 200:
+            assert body["address"] == value  # never another lookup's answer
+        return resp.status, resp.headers.get("X-Cache-Status", ""), time.monotonic() - began
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool]], within: float) -> None:
+    async with asyncio.timeout(within):
+        while not await condition():
+            await asyncio.sleep(0.05)
+
+
+# -- sharing ---------------------------------------------------------------------------------
+
+
+async def test_a_lookup_through_one_replica_is_a_hit_through_another(
+    redis_server, replicas, fleet_sim, client
+):
+    sim, _ = fleet_sim
+    a, b = await replicas(2, **shared(redis_server))
+    assert (await lookup(client, a.url, IP))[:2] == (200, "MISS")
+    assert (await lookup(client, b.url, IP))[:2] == (200, "HIT")
+    assert sim.lookups == 1
+    state = await b.status(client)
+    assert state["cache"]["shared"] == f"redis://127.0.0.1:{redis_server.port}/0"
+    assert state["cache"]["degraded"] is False
+
+
+async def test_without_redis_each_replica_asks_for_itself(replicas, fleet_sim, client):
+    """The reference for the test above: the same two lookups, no Redis, two upstream calls."""
+    sim, _ = fleet_sim
+    a, b = await replicas(2)
+    assert (await lookup(client, a.url, IP))[:2] == (200, "MISS")
+    assert (await lookup(client, b.url, IP))[:2] == (200, "MISS")
+    assert sim.lookups == 2
+
+
+async def test_a_cold_burst_over_two_replicas_goes_upstream_once(
+    redis_server, replicas, fleet_sim, client
+):
+    sim, _ = fleet_sim
+    sim.gate = asyncio.Event()  # the first lookup waits until every request has arrived
+    a, b = await replicas(2, **shared(redis_server))
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as many:
+        burst = [asyncio.create_task(lookup(many, (a, b)[i % 2].url, IP)) for i in range(200)]
+        await wait_until(lambda: asyncio.sleep(0, sim.in_flight["reputation_api"] >= 1), 10)
+        await asyncio.sleep(0.5)  # the rest arrive and wait: for the flight, or the fleet's lock
+        sim.gate.set()
+        results = await asyncio.gather(*burst)
+    assert [status for status, _, _ in results] == [200] * 200
+    assert sim.lookups == 1, Counter(cached for _, cached, _ in results)
+    assert sorted({cached for _, cached, _ in results}) == ["HIT", "MISS"]
+
+
+async def test_a_throttle_seen_by_one_replica_holds_the_others(
+    redis_server, replicas, fleet_sim, client
+):
+    sim, _ = fleet_sim
+    sim.throttles = {"reputation_api": (1, 4.0)}  # one lookup per 4 s window
+    a, b = await replicas(2, **shared(redis_server))
+    assert (await lookup(client, a.url, ip(1)))[0] == 200  # opens the window
+    waiting = asyncio.create_task(lookup(client, a.url, ip(2)))  # throttled, waits it out
+    await wait_until(lambda: asyncio.sleep(0, sim.throttled[429001] == 1), 5)
+    await asyncio.sleep(1.0)  # the fleet's sync (every 0.5 s) tells B
+    held = asyncio.create_task(lookup(client, b.url, ip(3)))
+    await asyncio.sleep(1.0)  # the window is still closed for about 2 s
+    # B knows of the window: it waits instead of asking the upstream for a certain 429.
+    assert sim.throttled[429001] == 1
+    assert not held.done()
+    assert "throttle is closed" in b.log
+    assert (await held)[0] == 200
+    assert (await waiting)[0] == 200
+
+
+async def test_workers_share_through_redis_too(redis_server, replicas, fleet_sim, client):
+    sim, _ = fleet_sim
+    (proxy,) = await replicas(1, **shared(redis_server, MDCLOUD_PROXY_WORKERS="2"))
+    for _ in range(20):
+        # A new connection each time: SO_REUSEPORT spreads them over both workers.
+        async with aiohttp.ClientSession() as fresh:
+            assert (await lookup(fresh, proxy.url, IP))[0] == 200
+    assert sim.lookups == 1, proxy.log
+
+
+async def test_quota_figures_are_the_fleets(redis_server, replicas, fleet_sim, client):
+    """/-/status of a replica that made no call shows what another replica's answers said."""
+    sim, _ = fleet_sim
+    a, b = await replicas(2, **shared(redis_server))
+    for i in range(3):
+        assert (await lookup(client, a.url, ip(i)))[0] == 200
+
+    async def b_knows() -> bool:
+        limits = (await b.status(client))["limits"]
+        left = limits.get("reputation_api", {}).get("remaining")
+        return bool(left == sim.limits["reputation_api"] - 3)
+
+    await wait_until(b_knows, 5)
+
+
+# -- Redis in trouble ----------------------------------------------------------------------
+
+
+async def test_redis_down_at_start_and_back_later(tmp_path, replicas, fleet_sim, client):
+    sim, _ = fleet_sim
+    server = RedisServer(tmp_path)  # not started: nothing listens on its port
+    a, b = await replicas(2, **shared(server))
+    for _ in range(5):
+        assert (await lookup(client, a.url, IP))[0] == 200
+    assert sim.lookups == 1  # each replica still has its own cache
+    state = await a.status(client)
+    assert state["cache"]["degraded"] is True
+    async with client.get(a.url + "/-/ready") as resp:
+        assert resp.status == 200  # Redis is an optimisation, not a dependency
+    assert a.log.count("Redis: ") == 1  # one warning per outage, not per request
+    await server.start()
+    try:
+        # The fleet sync probes on its own (after 1 s, 2 s, 4 s, ...: within 30 s).
+        await wait_until(lambda: _healthy(a, client), 35)
+        await wait_until(lambda: _healthy(b, client), 35)
+        assert (await lookup(client, a.url, ip(200)))[:2] == (200, "MISS")
+        assert (await lookup(client, b.url, ip(200)))[:2] == (200, "HIT")
+        assert "Redis answers again" in a.log
+    finally:
+        await server.stop()
+
+
+async def _healthy(replica: Replica, client: aiohttp.ClientSession) -> bool:
+    return not (await replica.status(client))["cache"]["degraded"]
+
+
+async def test_redis_killed_mid_load_loses_no_request(redis_server, replicas, fleet_sim, client):
+    sim, _ = fleet_sim
+    a, b = await replicas(2, **shared(redis_server))
+    results: list[tuple[int, str, float]] = []
+
+    async def load(count: int, first: int) -> int:
+        """``count`` lookups of 100 addresses from ``first`` on, over both replicas; how
+        many reached the upstream."""
+        before = sim.lookups
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=20)) as many:
+            batch = [
+                lookup(many, (a, b)[i // 100 % 2].url, ip(first + i * 7 % 100))
+                for i in range(count)
+            ]
+            results.extend(await asyncio.gather(*batch))
+        return sim.lookups - before
+
+    assert await load(700, 0) == 100  # shared: each address once for the fleet
+    await redis_server.stop()
+    assert await load(600, 100) > 100  # alone: each address once per replica, about
+    await redis_server.start()
+    await wait_until(lambda: _healthy(a, client), 35)
+    await wait_until(lambda: _healthy(b, client), 35)
+    assert await load(700, 200) == 100  # shared again (Redis came back empty)
+    assert len(results) == 2000
+    assert [status for status, _, _ in results] == [200] * 2000
+    metrics = await scrape(client, a.url + "/-/metrics")
+    assert metrics[("mdcloud_proxy_redis_errors_total", (("reason", "unreachable"),))] >= 1
+
+
+async def test_a_stalled_redis_adds_at_most_redis_timeout(redis_server, replicas, client):
+    (a,) = await replicas(1, **shared(redis_server, MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT="50ms"))
+    for i in range(20):  # the connections to Redis are open and warm
+        assert (await lookup(client, a.url, ip(i)))[0] == 200
+    quick = sorted([(await lookup(client, a.url, ip(i)))[2] for i in range(20, 40)])
+    redis_server.pause()
+    try:
+        took = [await lookup(client, a.url, ip(i)) for i in range(40, 60)]
+    finally:
+        redis_server.resume()
+    assert [status for status, _, _ in took] == [200] * 20
+    typical = quick[len(quick) // 2]
+    # The first call to time out opens the breaker; the others do not ask Redis at all.
+    # The margin is for a busy machine: scheduling, not Redis.
+    assert max(t for _, _, t in took) < typical + 0.05 + 0.25
+    assert sorted(t for _, _, t in took)[10] < typical + 0.05
+    metrics = await scrape(client, a.url + "/-/metrics")
+    assert metrics[("mdcloud_proxy_redis_errors_total", (("reason", "timeout"),))] >= 1
+    assert metrics[("mdcloud_proxy_redis_degraded", ())] == 1
+
+
+async def test_a_slow_redis_debug_sleep(redis_server, replicas, client):
+    """Redis busy (a slow command of someone else's) rather than stopped: the same bound."""
+    (a,) = await replicas(1, **shared(redis_server, MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT="50ms"))
+    assert (await lookup(client, a.url, IP))[0] == 200
+    async with redis_server.client() as r:
+        sleeper = asyncio.create_task(r.execute_command("DEBUG", "SLEEP", "2"))
+        await asyncio.sleep(0.1)
+        took = [await lookup(client, a.url, ip(i)) for i in range(5)]
+        await sleeper
+    assert [status for status, _, _ in took] == [200] * 5
+    assert max(t for _, _, t in took) < 0.05 + 0.35
+
+
+async def test_flushed_and_full_redis_cost_nothing_but_sharing(
+    redis_server, replicas, fleet_sim, client
+):
+    sim, _ = fleet_sim
+    a, b = await replicas(2, **shared(redis_server))
+    assert (await lookup(client, a.url, IP))[:2] == (200, "MISS")
+    async with redis_server.client() as r:
+        await r.flushall()
+        assert (await lookup(client, b.url, IP))[:2] == (200, "MISS")  # gone from the fleet
+        await r.config_set("maxmemory", "1")  # full, and nothing may be evicted
+        await r.config_set("maxmemory-policy", "noeviction")
+        for i in range(5):
+            assert (await lookup(client, a.url, ip(i)))[0] == 200
+        await r.config_set("maxmemory", "0")
+    assert sim.lookups == 7
+    metrics = await scrape(client, a.url + "/-/metrics")
+    assert metrics[("mdcloud_proxy_redis_errors_total", (("reason", "refused"),))] >= 1
+    assert not (await a.status(client))["cache"]["degraded"]  # Redis answers: not an outage
+
+
+# -- what is in Redis ----------------------------------------------------------------------
+
+
+async def test_a_value_the_fleet_did_not_write_is_ignored_and_overwritten(
+    redis_server, replicas, fleet_sim, client
+):
+    sim, _ = fleet_sim
+    (a,) = await replicas(1, **shared(redis_server))
+    keys = {}
+    for i in range(5):  # which key holds which answer: the one each lookup added
+        before = {k for k in await redis_server.dump() if b":answer:" in k}
+        assert (await lookup(client, a.url, ip(i)))[:2] == (200, "MISS")
+        (keys[i],) = {k for k in await redis_server.dump() if b":answer:" in k} - before
+    async with redis_server.client() as r:
+        await r.set(keys[0], b"garbage")
+        await r.set(keys[1], b"1" + b"\0" * 40)  # our format's version, a wrong seal
+        await r.set(keys[2], await r.get(keys[4]))  # a real answer, under another key
+        await r.delete(keys[3])
+        await r.rpush(keys[3], "a list, not a string")
+        (b,) = await replicas(1, **shared(redis_server))
+        for i in range(4):  # lookup() checks that each answer is the address's own
+            assert (await lookup(client, b.url, ip(i)))[:2] == (200, "MISS")
+        assert sim.lookups == 5 + 4
+        assert [await r.type(keys[i]) for i in range(4)] == [b"string"] * 4
+    (c,) = await replicas(1, **shared(redis_server))
+    for i in range(5):
+        assert (await lookup(client, c.url, ip(i)))[:2] == (200, "HIT")  # b overwrote them
+    metrics = await scrape(client, b.url + "/-/metrics")
+    assert metrics[("mdcloud_proxy_redis_errors_total", (("reason", "invalid"),))] >= 3
+    assert metrics[("mdcloud_proxy_redis_errors_total", (("reason", "refused"),))] >= 1
+
+
+async def test_no_secret_in_any_key_value_log_or_status(tmp_path, replicas, fleet_sim, client):
+    sim, _ = fleet_sim
+    server = RedisServer(tmp_path, password=REDIS_PASSWORD)
+    await server.start()
+    url_file = tmp_path / "redis_url"
+    url_file.write_text(server.url + "\n")
+    sim.throttles = {"reputation_api": (1, 1.0)}
+    try:
+        (a,) = await replicas(
+            1,
+            MDCLOUD_PROXY_CACHE_REDIS_URL_FILE=str(url_file),
+            MDCLOUD_PROXY_CACHE_UPLOADS="true",
+            MDCLOUD_PROXY_LOG_LEVEL="debug",
+        )
+        for value in (IP, ip(200)):  # the second is throttled: a window for the fleet
+            assert (await lookup(client, a.url, value))[0] == 200
+        async with client.post(a.url + "/v4/file", data=b"an upload") as resp:
+            assert resp.status == 200
+        state = await a.status(client)
+        async with client.get(a.url + "/-/metrics") as resp:
+            metrics = await resp.text()
+        dump = await server.dump()
+        await asyncio.sleep(0.6)  # one more fleet sync, with the figures
+        dump.update(await server.dump())
+    finally:
+        await server.stop()
+    assert any(b":answer:" in k for k in dump)
+    assert any(b":upload:" in k for k in dump)
+    assert any(k.startswith(b"mdcloud-proxy:v1:windows:") for k in dump)
+    assert any(k.startswith(b"mdcloud-proxy:v1:limits:") for k in dump)
+    assert all(re.fullmatch(rb"mdcloud-proxy:v1:[a-z]+:[0-9a-f]+", k) for k in dump), dump.keys()
+    stored = repr(dump).encode()
+    secrets = [CLIENT_SECRET, API_KEY, REDIS_PASSWORD, *sim.issued_tokens]
+    assert sim.issued_tokens
+    for secret in secrets:
+        assert secret.encode() not in stored
+        assert secret not in repr(state)
+        assert secret not in metrics
+        assert secret not in a.log
+    assert f"127.0.0.1:{server.port}" in a.log  # where it shares, without the password
+
+
+def test_a_wrong_redis_url_names_the_key_and_not_the_password():
+    from proxy import load_config
+    from proxy.errors import ConfigError
+
+    env = {"MDCLOUD_CLIENT_ID": "x", "MDCLOUD_CLIENT_SECRET": "y"}
+    for url, problem in (
+        (f"http://u:{REDIS_PASSWORD}@h:6379/0", "is not a redis://, rediss:// or unix:// URL"),
+        (f"redis://u:{REDIS_PASSWORD}@h:6379/0?socket_timeout=x", "is not a URL redis-py"),
+        ("unix://", "has no socket path"),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_config(environ={**env, "MDCLOUD_PROXY_CACHE_REDIS_URL": url})
+        assert str(info.value).startswith("cache.redis_url: ")
+        assert problem in str(info.value)
+        assert REDIS_PASSWORD not in str(info.value)
+    config = load_config(
+        environ={**env, "MDCLOUD_PROXY_CACHE_REDIS_URL": f"redis://:{REDIS_PASSWORD}@h/1"}
+    )
+    assert REDIS_PASSWORD not in repr(config)
+
+
+async def test_the_page_says_the_cache_is_degraded(tmp_path, replicas, client):
+    server = RedisServer(tmp_path)
+    (a,) = await replicas(1, **shared(server))
+    assert (await lookup(client, a.url, IP))[0] == 200
+    async with client.get(a.url + "/-/") as resp:
+        page = await resp.text()
+    assert "cache degraded: Redis (redis://127.0.0.1:" in page
+    assert "this replica works alone" in page
