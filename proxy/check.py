@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import TextIO
 
 import aiohttp
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from yarl import URL
 
 from .app import client_session, outbound_route, ssl_context
 from .config import Config
 from .errors import TokenError, describe
 from .route import Route, proxy_failure
+from .shared import first_words, redis_address
 from .tokens import ClientCredentials, Token, read_up_to
 
 __all__ = ["check", "print_token"]
@@ -121,7 +125,29 @@ async def check(config: Config, out: TextIO) -> bool:
         say("limits", limits)
     if quota:
         say("quota", quota)
+    if config.redis_url is not None:
+        shared, text = await _redis(config.redis_url)
+        say("redis", text)
+        return shared
     return True
+
+
+async def _redis(url: str) -> tuple[bool, str]:
+    """Whether the fleet's Redis answers a PING, and how fast; a second at most."""
+    address = redis_address(url)
+    client = Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    began = time.perf_counter()
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        return False, (
+            f"FAILED: {address}: {first_words(exc)} (the proxy serves without it, each replica "
+            "with its own cache, until it answers)"
+        )
+    finally:
+        await client.aclose()
+    took = (time.perf_counter() - began) * 1000
+    return True, f"ok, {address} answered PING in {took:.1f} ms: the quota guard is shared"
 
 
 async def _quota(

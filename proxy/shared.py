@@ -35,7 +35,7 @@ from .logs import Throttled
 from .observe import Metrics
 from .quota import KINDS, LIMIT_TYPES, QuotaWatch
 
-__all__ = ["Claim", "SharedStore", "redis_address"]
+__all__ = ["Claim", "SharedStore", "first_words", "redis_address"]
 
 log = logging.getLogger("mdcloud_proxy.cache")
 
@@ -354,7 +354,7 @@ class SharedStore:
         except ResponseError as exc:
             # Redis answered, but no: full (maxmemory), a key of another type, no permission.
             self._metrics.redis_errors.labels("refused").inc()
-            self._refused("refused", "Redis refused a command: %s", _first_words(exc))
+            self._refused("refused", "Redis refused a command: %s", first_words(exc))
             return None
         except (RedisError, OSError, TimeoutError) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else "unreachable"
@@ -362,7 +362,7 @@ class SharedStore:
             self._breaker.failed(
                 f"no answer within {self._timeout * 1000:.0f} ms"
                 if reason == "timeout"
-                else f"{self.address}: {_first_words(exc)}"
+                else f"{self.address}: {first_words(exc)}"
             )
             return None
         self._breaker.succeeded()
@@ -399,7 +399,7 @@ def _fields(page: object) -> list[tuple[str, bytes]]:
     return found
 
 
-def _first_words(exc: BaseException) -> str:
+def first_words(exc: BaseException) -> str:
     """What went wrong, short; redis-py's messages name the address, never the password."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:160]

@@ -63,6 +63,68 @@ def test_kubernetes_sidecar():
     assert mounts["tmp"] == "/tmp"  # a read-only root still has room for replay spill files
 
 
+def test_compose_fleet():
+    """Three replicas and a Redis: the URL (with its password) from a secret file, Redis a
+    bounded cache without persistence, and no replica waiting for Redis to be healthy."""
+    compose = yaml.safe_load((ROOT / "examples/docker-compose-fleet.yml").read_text())
+    proxy, redis = compose["services"]["mdcloud-proxy"], compose["services"]["redis"]
+    assert proxy["deploy"]["replicas"] == 3
+    env = proxy["environment"]
+    assert "MDCLOUD_PROXY_CACHE_REDIS_URL" not in env
+    assert env["MDCLOUD_PROXY_CACHE_REDIS_URL_FILE"] == "/run/secrets/redis_url"
+    assert set(proxy["secrets"]) <= set(compose["secrets"])
+    assert "redis_url" in proxy["secrets"] and "redis_password" in redis["secrets"]
+    assert proxy["depends_on"]["redis"]["condition"] == "service_started"
+    assert int(proxy["stop_grace_period"].removesuffix("s")) > Config.shutdown_timeout
+    command = " ".join(redis["command"])
+    for setting in ('--save ""', "--appendonly no", "--maxmemory-policy allkeys-lru"):
+        assert setting in command
+    assert "--requirepass" in command and "ports" not in redis
+    # The URL the comment tells to write is one the proxy accepts.
+    (line,) = [x for x in (ROOT / "examples/docker-compose-fleet.yml").read_text().splitlines()
+               if "> redis_url.txt" in x]  # fmt: skip
+    url = re.search(r"'(redis://[^']+)'", line).group(1).replace("%s", "pw")
+    config = load_config(
+        environ={"MDCLOUD_CLIENT_ID": "x", "MDCLOUD_CLIENT_SECRET": "y",
+                 "MDCLOUD_PROXY_CACHE_REDIS_URL": url}
+    )  # fmt: skip
+    assert config.redis_url == "redis://:pw@redis:6379/0"
+
+
+def test_kubernetes_fleet():
+    documents = list(yaml.safe_load_all((ROOT / "examples/kubernetes-fleet.yaml").read_text()))
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    proxy = kinds["Deployment", "mdcloud-proxy"]
+    assert proxy["spec"]["replicas"] == 3
+    pod = proxy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (item,) = volumes["redis"]["secret"]["items"]
+    assert volumes["redis"]["secret"]["secretName"] == "mdcloud-redis"
+    assert env["MDCLOUD_PROXY_CACHE_REDIS_URL_FILE"] == f"{mounts['redis']}/{item['path']}"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/-/ready"
+    assert pod["terminationGracePeriodSeconds"] > Config.shutdown_timeout
+    assert mounts["tmp"] == "/tmp"
+    # The URL the comment writes into the Secret names the Redis Service and its port.
+    redis_service = kinds["Service", "mdcloud-redis"]
+    (port,) = redis_service["spec"]["ports"]
+    assert (
+        f"@mdcloud-redis:{port['port']}/0" in (ROOT / "examples/kubernetes-fleet.yaml").read_text()
+    )
+    redis = kinds["Deployment", "mdcloud-redis"]["spec"]["template"]["spec"]["containers"][0]
+    args = " ".join(redis["args"])
+    assert "--maxmemory-policy allkeys-lru" in args and "--appendonly no" in args
+    assert "--requirepass $(REDIS_PASSWORD)" in args
+    # Redis takes connections from the proxies only; the proxies from labelled tools.
+    guard = kinds["NetworkPolicy", "mdcloud-redis"]["spec"]
+    assert guard["podSelector"]["matchLabels"] == redis_service["spec"]["selector"]
+    assert guard["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"app": "mdcloud-proxy"}
+    service = kinds["Service", "mdcloud-proxy"]
+    assert service["spec"]["selector"] == proxy["spec"]["selector"]["matchLabels"]
+
+
 def test_image_defaults_are_a_valid_configuration():
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     (env_line,) = [line for line in text.splitlines() if line.startswith("ENV ")]

@@ -522,3 +522,30 @@ async def test_the_page_says_the_cache_is_degraded(tmp_path, replicas, client):
         page = await resp.text()
     assert "cache degraded: Redis (redis://127.0.0.1:" in page
     assert "this replica works alone" in page
+
+
+async def test_check_says_whether_redis_answers(tmp_path, fleet_sim):
+    _, upstream = fleet_sim
+    server = RedisServer(tmp_path, password=REDIS_PASSWORD)
+    env = {**account_env(upstream), "MDCLOUD_API_KEY": API_KEY}
+    env["MDCLOUD_PROXY_CACHE_REDIS_URL"] = server.url
+    down = await spawn("check", env=env)
+    out = (await down.communicate())[0].decode()
+    assert down.returncode == 1
+    assert out.splitlines()[-1].startswith(
+        f"redis    FAILED: redis://127.0.0.1:{server.port}/0: Error 111 connecting to"
+    )
+    assert "the proxy serves without it" in out
+    await server.start()
+    try:
+        up = await spawn("check", env=env)
+        out = (await up.communicate())[0].decode()
+    finally:
+        await server.stop()
+    assert up.returncode == 0, out
+    assert re.fullmatch(
+        rf"redis    ok, redis://127\.0\.0\.1:{server.port}/0 answered PING in [\d.]+ ms: "
+        "the quota guard is shared",
+        out.splitlines()[-1],
+    )
+    assert REDIS_PASSWORD not in out
