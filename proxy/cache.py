@@ -377,21 +377,20 @@ class LookupCache:
         self, space: str, key: bytes, refresh: bool
     ) -> tuple[_Entry | None, str | None]:
         """A fresh answer the fleet's store has for ``key``, or the lock to ask the upstream
-        for it (None: another replica asked, gave up, or Redis could not say)."""
+        for it (None: another replica asked and stored nothing, or Redis could not say)."""
         assert self._shared is not None
         shared, limit = self._shared, self._fleet_limit
         found = self._adopt(space, key, await shared.load(space, key, limit))
-        if found is not None and not refresh:
-            return self._fresh(space, found), None
+        if not refresh and self._fresh(found):
+            return self._found(space, found), None
         claim, token, value = await shared.claim(space, key, limit)
         found = self._adopt(space, key, value)
-        if claim is Claim.FOLLOW and found is None:
+        if claim is Claim.LEAD:  # perhaps stored between the two calls
+            return (None if refresh or not self._fresh(found) else self._found(space, found)), token
+        if claim is Claim.FOLLOW and (refresh or not self._fresh(found)):
             # Another replica asks the upstream; its answer is newer than this request.
             found = self._adopt(space, key, await shared.follow(space, key, limit))
-            refresh = False
-        found = None if refresh else found
-        lead = token if claim is Claim.LEAD else None
-        return self._fresh(space, found), lead
+        return (self._found(space, found) if self._fresh(found) else None), None
 
     def _adopt(self, space: str, key: bytes, value: bytes | None) -> _Entry | None:
         """An entry from the fleet's store, kept here too (fresh or, for STALE, not)."""
@@ -407,10 +406,12 @@ class LookupCache:
             self._entries[key] = entry
         return entry
 
-    def _fresh(self, space: str, entry: _Entry | None) -> _Entry | None:
-        if entry is None or self._clock() >= entry.fresh_until:
-            return None
-        if space == UPLOADS:
+    def _fresh(self, entry: _Entry | None) -> bool:
+        return entry is not None and self._clock() < entry.fresh_until
+
+    def _found(self, space: str, entry: _Entry | None) -> _Entry | None:
+        """``entry``, from the fleet's store; an upload's counted as one."""
+        if space == UPLOADS and entry is not None:
             self._metrics.upload_dedup.inc()
             log.info("an upload the fleet has answered before: its answer")
         return entry

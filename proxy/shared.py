@@ -29,6 +29,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
 from yarl import URL
 
 from .logs import Throttled
@@ -240,8 +241,8 @@ class SharedStore:
         await self._ask(lambda r: self._release(keys=[lock], args=[token], client=r))
 
     async def follow(self, space: str, digest: bytes, limit: int) -> bytes | None:
-        """Wait up to ``lock_timeout`` for the replica that holds the lock to store its
-        answer; None when it gave up the lock without one, or Redis failed."""
+        """Wait up to ``lock_timeout`` for the replica that holds the lock to give it up;
+        what is stored then (its answer, an older one, or None), or None if Redis failed."""
         lock, key = self._key("lock", digest), self._key(space, digest)
         deadline = self._clock() + self.lock_timeout
         pause = FIRST_POLL
@@ -260,9 +261,8 @@ class SharedStore:
             if result is None:
                 return None
             locked, value = result
-            found = self._open(key, value)
-            if found is not None or not locked:
-                return found
+            if not locked:  # the lock is given up after the answer is stored
+                return self._open(key, value)
         return None
 
     # -- the fleet's quota view ----------------------------------------------------------
@@ -357,7 +357,7 @@ class SharedStore:
             self._refused("refused", "Redis refused a command: %s", first_words(exc))
             return None
         except (RedisError, OSError, TimeoutError) as exc:
-            reason = "timeout" if isinstance(exc, TimeoutError) else "unreachable"
+            reason = "timeout" if isinstance(exc, TimeoutError | RedisTimeout) else "unreachable"
             self._metrics.redis_errors.labels(reason).inc()
             self._breaker.failed(
                 f"no answer within {self._timeout * 1000:.0f} ms"

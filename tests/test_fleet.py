@@ -259,6 +259,26 @@ async def test_a_cold_burst_over_two_replicas_goes_upstream_once(
     assert sorted({cached for _, cached, _ in results}) == ["HIT", "MISS"]
 
 
+async def test_an_expired_answer_is_refreshed_once_for_the_fleet(
+    redis_server, replicas, fleet_sim, client
+):
+    """Past its ttl, an answer is still in Redis (for STALE): the replica that finds it so
+    and does not get the lock waits for the one that has it, instead of asking too."""
+    sim, _ = fleet_sim
+    a, b = await replicas(2, **shared(redis_server, MDCLOUD_PROXY_CACHE_TTL="1s"))
+    assert (await lookup(client, a.url, IP))[:2] == (200, "MISS")
+    await asyncio.sleep(1.2)
+    sim.gate = asyncio.Event()
+    first = asyncio.create_task(lookup(client, a.url, IP))
+    await wait_until(lambda: asyncio.sleep(0, sim.in_flight["reputation_api"] >= 1), 10)
+    second = asyncio.create_task(lookup(client, b.url, IP))
+    await asyncio.sleep(0.5)
+    sim.gate.set()
+    assert (await first)[:2] == (200, "MISS")
+    assert (await second)[:2] == (200, "HIT")
+    assert sim.lookups == 2
+
+
 async def test_a_throttle_seen_by_one_replica_holds_the_others(
     redis_server, replicas, fleet_sim, client
 ):
