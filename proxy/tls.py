@@ -53,7 +53,9 @@ class ResumingContext(ssl.SSLContext):
         if server_side or session is not None:
             return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
         previous = self._latest.get(host)
-        if previous is not None:
+        # Only a finished handshake has a session to give (OpenSSL cannot copy one it is
+        # still building: connections opened together start during each other's).
+        if previous is not None and previous.version() is not None:
             latest = previous.session
             if latest is not None and (latest.has_ticket or latest.id):
                 self._sessions[host] = latest

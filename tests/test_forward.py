@@ -15,6 +15,7 @@ import trustme
 from aiohttp import web
 
 from proxy import Simulator, create_app
+from proxy.tls import client_context
 
 from .conftest import (
     CLIENT_ID,
@@ -320,6 +321,27 @@ async def test_tls_sessions_to_the_upstream_are_resumed(
         async with client.get(proxy.url + "/v4/file/abc") as resp:
             assert resp.status == 200
     assert resumed == [False, True, True]
+
+    # Connections opened together: each starts while the one before is still in its
+    # handshake, whose session cannot be taken yet.
+    async def one():
+        async with client.get(proxy.url + "/v4/file/abc") as resp:
+            return resp.status
+
+    assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
+
+
+def test_a_tls_connection_may_start_while_the_one_before_is_in_its_handshake(tls_ca):
+    # What uvloop does when connections are opened together; the connection before has
+    # sent its ClientHello and waits for the server's answer.
+    context = client_context(None)
+    tls_ca.configure_trust(context)
+    before = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        before.do_handshake()
+    after = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        after.do_handshake()
 
 
 async def test_upstream_connections_are_reused(sim, proxy, client):
