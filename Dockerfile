@@ -8,7 +8,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
 RUN python3 -m venv /opt/mdcloud-proxy \
-    && /opt/mdcloud-proxy/bin/pip install --no-cache-dir --disable-pip-version-check '.[fast]'
+    && /opt/mdcloud-proxy/bin/pip install --no-cache-dir --disable-pip-version-check .
 
 FROM ${BASE_IMAGE}
 COPY --from=build /opt/mdcloud-proxy /opt/mdcloud-proxy

@@ -32,6 +32,7 @@ from .quota import QuotaWatch
 from .route import Route
 from .shared import SharedStore
 from .status import page, status
+from .tls import client_context
 from .tokens import ClientCredentials, TokenCache
 
 __all__ = [
@@ -74,9 +75,9 @@ ADMIN_CONNECTIONS = 64
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
 
-def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
-    """The TLS settings for the upstream and the token endpoint."""
-    return ssl.create_default_context(cafile=ca_file) if ca_file else True
+def ssl_context(ca_file: str | None) -> ssl.SSLContext:
+    """The TLS settings for the upstream and the token endpoint (sessions resumed)."""
+    return client_context(ca_file)
 
 
 def outbound_route(config: Config) -> Route:

@@ -220,9 +220,15 @@ class ReplayableBody:
 
     async def _read_source(self) -> bytes:
         try:
-            # Not readany(): it returns all that is buffered, however much that is.
-            size = SPENT_READ_SIZE if self._budget.spent else READ_SIZE
-            chunk = await self._source.read(size)
+            # All that is buffered, in one piece: fewer, larger pieces cost less per byte
+            # than read(READ_SIZE), which mostly joins one socket read to a slice of the
+            # next (-18% CPU per GiB, bench/). The reader bounds it: it stops reading the
+            # socket past twice its read_bufsize (64 KiB), so a piece holds at most that and
+            # one socket read (256 KiB).
+            if self._budget.spent:
+                chunk = await self._source.read(SPENT_READ_SIZE)
+            else:
+                chunk = await self._source.readany()
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -407,11 +407,11 @@ def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     if kind == "asyncio":
         return None
     try:
-        import uvloop  # optional: pip install 'mdcloud-proxy[fast]'
+        import uvloop  # a dependency wherever it exists (not on Windows, not on PyPy)
     except ImportError:
         if kind == "uvloop":
             raise ConfigError(
-                "loop: uvloop is not installed (pip install 'mdcloud-proxy[fast]')"
+                "loop: uvloop is not installed here (pip install uvloop), or use loop: asyncio"
             ) from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop

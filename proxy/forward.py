@@ -21,7 +21,7 @@ from .body import MemoryBudget, ReplayableBody
 from .errors import SERVER, SERVER_NAME, ProxyError, describe
 from .inbound import KEY_HEADER
 from .observe import REPLAY, SENT, Metrics, request_target
-from .quota import USED_UP, QuotaWatch, Throttled, error_code
+from .quota import USED_UP, QuotaWatch, Throttled, error_code, kind_of
 from .route import Hop, Route, proxy_failure
 from .tokens import Token, TokenCache, read_up_to
 
@@ -371,9 +371,10 @@ class Forwarder:
         quota = self._quota
         deadline = self._clock() + quota.max_wait
         tries, waited = 0, False
+        kind = kind_of(request.method, request.raw_path)
         while True:
-            name = quota.limit_of(request.method, request.raw_path)
-            closed = quota.closed_for(request.method, request.raw_path)
+            name = quota.limit_of(kind)
+            closed = quota.closed_for(kind)
             if closed is not None:
                 if self._clock() + closed > deadline:
                     self._metrics.throttle_waits.labels(name, "gave_up").inc()
@@ -393,8 +394,8 @@ class Forwarder:
                     resp.close()
                     raise _upstream_failure(exc, url, body, self._hop) from None
             code = error_code(peeked) if resp.status == 429 else None
-            quota.seen(request.method, request.raw_path, resp.status, resp.headers, code)
-            name = quota.limit_of(request.method, request.raw_path)
+            quota.seen(kind, resp.status, resp.headers, code)
+            name = quota.limit_of(kind)
             tries += 1
             pause = quota.wait_for(resp.status, resp.headers, code, tries, deadline - self._clock())
             if tries >= MAX_THROTTLE_TRIES:

@@ -116,13 +116,16 @@ class QuotaWatch:
     def __repr__(self) -> str:
         return f"QuotaWatch(limits={sorted(self.limits)})"
 
-    def limit_of(self, method: str, raw_path: str) -> str:
-        """The limit type this kind of call counts against, as answers said ("unknown")."""
-        return self._kind_limits.get(kind_of(method, raw_path), "unknown")
+    def limit_of(self, kind: str) -> str:
+        """The limit type a ``kind_of`` call counts against, as answers said ("unknown")."""
+        return self._kind_limits.get(kind, "unknown")
 
-    def closed_for(self, method: str, raw_path: str) -> float | None:
-        """Seconds while this kind of call's throttle window is known to be closed."""
-        left = self._closed_until.get(kind_of(method, raw_path), 0.0) - self._clock()
+    def closed_for(self, kind: str) -> float | None:
+        """Seconds while a ``kind_of`` call's throttle window is known to be closed."""
+        until = self._closed_until.get(kind)
+        if until is None:
+            return None
+        left = until - self._clock()
         return left if left > 0 else None
 
     def reopens_in(self, name: str) -> float:
@@ -133,11 +136,9 @@ class QuotaWatch:
              if self._kind_limits.get(kind) == name] + [0.0]
         )  # fmt: skip
 
-    def seen(
-        self, method: str, raw_path: str, status: int, headers: Mapping[str, str], code: int | None
-    ) -> None:
-        """Note an upstream answer: its rate-limit headers, a throttle it announces."""
-        kind = kind_of(method, raw_path)
+    def seen(self, kind: str, status: int, headers: Mapping[str, str], code: int | None) -> None:
+        """Note an upstream answer to a ``kind_of`` call: its rate-limit headers, a throttle
+        it announces."""
         now = self._clock()
         if status == 429 and code in THROTTLED:
             # The throttle's own reset: Retry-After, else what X-RateLimit-Reset-In says of

@@ -1,4 +1,5 @@
-"""TLS on the listeners: a certificate that can be replaced while the proxy serves.
+"""TLS: on the listeners, a certificate that can be replaced while the proxy serves; towards
+the upstream, sessions resumed.
 
 An asyncio server keeps the SSLContext it was started with. So the listening context only
 picks, in its ``sni_callback`` (called for every handshake, with or without SNI), the
@@ -12,11 +13,70 @@ import logging
 import os
 import ssl
 
-__all__ = ["ServerTLS", "server_context"]
+__all__ = ["ResumingContext", "ServerTLS", "client_context", "server_context"]
 
 log = logging.getLogger("mdcloud_proxy.tls")
 
 _Signature = tuple[tuple[int, int, int], ...]
+# Hosts whose latest session is kept: the upstream, the token endpoint, an outbound proxy.
+_SESSION_HOSTS = 16
+
+
+class ResumingContext(ssl.SSLContext):
+    """Client TLS settings that resume, on a new connection to a host, the session of the
+    latest connection to it (an abbreviated handshake: no certificate chain to send and
+    verify, no key exchange signature).
+
+    Neither asyncio's nor uvloop's TLS transport passes a session to ``wrap_bio``, which both
+    call for each connection: this is where one is given. The latest connection's session
+    is read when the next one starts, so that a TLS 1.3 ticket, which comes after the
+    handshake, is in it. A session the server no longer knows costs a full handshake, as
+    without this.
+    """
+
+    def __init__(self, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> None:
+        # SSLContext takes the protocol in __new__ (TLS_CLIENT: host names and certificates
+        # checked).
+        super().__init__()
+        self._latest: dict[str | None, ssl.SSLObject] = {}
+        self._sessions: dict[str | None, ssl.SSLSession] = {}
+
+    def wrap_bio(
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        host = server_hostname.decode() if isinstance(server_hostname, bytes) else server_hostname
+        if server_side or session is not None:
+            return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        previous = self._latest.get(host)
+        # Only a finished handshake has a session to give (OpenSSL cannot copy one it is
+        # still building: connections opened together start during each other's).
+        if previous is not None and previous.version() is not None:
+            latest = previous.session
+            if latest is not None and (latest.has_ticket or latest.id):
+                self._sessions[host] = latest
+        ssl_object = super().wrap_bio(
+            incoming, outgoing, server_side, server_hostname, self._sessions.get(host)
+        )
+        if host in self._latest or len(self._latest) < _SESSION_HOSTS:
+            self._latest[host] = ssl_object
+        return ssl_object
+
+
+def client_context(ca_file: str | None) -> ResumingContext:
+    """What ``ssl.create_default_context(cafile=ca_file)`` and aiohttp's default give (the
+    system's or ``ca_file``'s CAs, host names checked, ALPN http/1.1), resuming sessions."""
+    context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file:
+        context.load_verify_locations(ca_file)
+    else:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 def server_context(cert_file: str, key_file: str, client_ca_file: str | None) -> ssl.SSLContext:

@@ -262,10 +262,14 @@ async def test_admin_port_in_use_is_a_clear_error(upstream):
 async def test_workers_share_the_port_and_each_keeps_its_own_token(sim, upstream):
     proxy = await spawn("--port", "0", "--workers", "2", env=account_env(upstream))
     try:
-        bases = set()
+        bases, loops = set(), set()
         for _ in range(2):
-            line = await wait_for_line(proxy, r"worker \d \(pid \d+\): .* on (http://\S+),")
+            line = await wait_for_line(
+                proxy, r"worker \d \(pid \d+\): .* on (http://\S+),.* \((\w+) event loop"
+            )
             bases.add(line.group(1))
+            loops.add(line.group(2))
+        assert loops == {"uvloop"}  # the default install's, without being asked for
         (base,) = bases  # one port for both
         await eventually(lambda: sim.token_requests == 2)  # one token per worker at start-up
         sim.expire_tokens()

@@ -15,6 +15,7 @@ import trustme
 from aiohttp import web
 
 from proxy import Simulator, create_app
+from proxy.tls import client_context
 
 from .conftest import (
     CLIENT_ID,
@@ -293,6 +294,54 @@ async def test_https_upstream_with_private_ca(tls_ca, clock, start, client, tmp_
         assert resp.status == 502
         message = (await resp.json())["error"]["messages"][0]
     assert "set oauth" not in message and "upstream.ca_file" in message
+
+
+async def test_tls_sessions_to_the_upstream_are_resumed(
+    tls_ca, start, proxy_before, client, tmp_path
+):
+    # An upstream that closes each connection after its answer: every request needs a new
+    # handshake, which resumes the session of the one before (as nginx's proxy_ssl does).
+    resumed = []
+
+    async def handler(request):
+        resumed.append(request.transport.get_extra_info("ssl_object").session_reused)
+        answer = web.json_response({"ok": True})
+        answer.force_close()
+        return answer
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    port = await start(app, ssl_context=server_ctx)
+    ca_file = tmp_path / "ca.pem"
+    tls_ca.cert_pem.write_to_path(str(ca_file))
+    proxy = await proxy_before(f"https://127.0.0.1:{port}", **{"upstream.ca_file": str(ca_file)})
+    for _ in range(3):
+        async with client.get(proxy.url + "/v4/file/abc") as resp:
+            assert resp.status == 200
+    assert resumed == [False, True, True]
+
+    # Connections opened together: each starts while the one before is still in its
+    # handshake, whose session cannot be taken yet.
+    async def one():
+        async with client.get(proxy.url + "/v4/file/abc") as resp:
+            return resp.status
+
+    assert await asyncio.gather(*(one() for _ in range(20))) == [200] * 20
+
+
+def test_a_tls_connection_may_start_while_the_one_before_is_in_its_handshake(tls_ca):
+    # What uvloop does when connections are opened together; the connection before has
+    # sent its ClientHello and waits for the server's answer.
+    context = client_context(None)
+    tls_ca.configure_trust(context)
+    before = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        before.do_handshake()
+    after = context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        after.do_handshake()
 
 
 async def test_upstream_connections_are_reused(sim, proxy, client):
