@@ -157,6 +157,15 @@ def reset_peak(pids: list[int]) -> None:
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM back to the current RSS
 
 
+def listen_overflows() -> int:
+    """Connections the kernel dropped because a listener's backlog was full (all of them)."""
+    names, values = [
+        line.split() for line in Path("/proc/net/netstat").read_text().splitlines()
+        if line.startswith("TcpExt:")
+    ][:2]  # fmt: skip
+    return int(values[names.index("ListenOverflows")])
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine so far."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -578,8 +587,12 @@ http {{
             reset_peak(watch)
             before = sum(status_kib(pid, "VmRSS") for pid in watch) * 1024 / MB
         cmd = [sys.executable, __file__, "--flood", url]
+        overflows = listen_overflows()
         done = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
         out: dict[str, Any] = json.loads(done.stdout)
+        # A full accept backlog makes a caller's SYN wait for its retry (1 s, then 3 s):
+        # counted machine-wide, so other work on the machine may add to it.
+        out["listen_overflows"] = listen_overflows() - overflows
         if watch:
             out["rss_before_mb"] = before
             out["peak_rss_mb"] = peak_mb(watch)
@@ -956,16 +969,16 @@ def report_scheme(label: str, s: dict[str, Any], spill: dict[str, Any]) -> list[
         rows.append((f"  {variant}", *cells))
     print(table(rows))
     return [
-        (f"{label}: req/s >= 10% of nginx", f"{ratio(small, 'rps'):.1%}",
+        (f"{label}: req/s >= 10% of nginx", f"{ratio(small, 'rps'):.2%}",
          ratio(small, "rps") >= 0.10),
         (f"{label}: CPU per request <= 12x nginx", f"{ratio(small, 'cpu_per_10k'):.1f}x",
          ratio(small, "cpu_per_10k") <= 12),
         (f"{label}: added p50 <= 0.3 ms", f"{added:.3f} ms", added <= 0.3),
-        (f"{label}: download >= 60% of nginx", f"{ratio(down, 'mb_per_s'):.0%}",
+        (f"{label}: download >= 60% of nginx", f"{ratio(down, 'mb_per_s'):.1%}",
          ratio(down, "mb_per_s") >= 0.6),
         (f"{label}: upload >= 80% of min(nginx, spill floor)",
-         f"{ours['mb_per_s'] / floor:.0%}", ours["mb_per_s"] >= 0.8 * floor),
-        (f"{label}: replayed upload >= 40% of it", f"{replay['mb_per_s'] / floor:.0%}",
+         f"{ours['mb_per_s'] / floor:.1%}", ours["mb_per_s"] >= 0.8 * floor),
+        (f"{label}: replayed upload >= 40% of it", f"{replay['mb_per_s'] / floor:.1%}",
          replay["mb_per_s"] >= 0.4 * floor),
         (f"{label}: peak RSS < 80 MB (download, upload, replay)", f"{max(peaks):.0f} MB",
          max(peaks) < 80),
@@ -993,7 +1006,8 @@ def report(r: dict[str, Any]) -> None:
             rss = (f" peak RSS {f['peak_rss_mb']:.0f} MB (from {f['rss_before_mb']:.0f}), "
                    f"{f['rss_per_request_kb']:.0f} kB per request")  # fmt: skip
         print(f"{FLOOD} at once, {name}: {f['ok']} ok, {f['errors']} errors {f['outcomes']}, "
-              f"{f['wall_s']:.2f} s, upstream saw {f['upstream_in_flight_peak']} at once;"
+              f"{f['wall_s']:.2f} s, upstream saw {f['upstream_in_flight_peak']} at once, "
+              f"{f['listen_overflows']} listen overflows;"
               f"{rss}")  # fmt: skip
     flood = r["flood"]["mdcloud-proxy"]
     m = r["machine"]
@@ -1007,7 +1021,7 @@ def report(r: dict[str, Any]) -> None:
          flood["errors"] == 0 and flood["ok"] == FLOOD),
         (f"{FLOOD} in flight: peak RSS < 150 MB", f"{flood['peak_rss_mb']:.0f} MB",
          flood["peak_rss_mb"] < 150),
-        ("a cache hit costs <= 1/3 of a miss's CPU", f"{share:.0%}", share <= 1 / 3),
+        ("a cache hit costs <= 1/3 of a miss's CPU", f"{share:.1%}", share <= 1 / 3),
     ]  # fmt: skip
     print()
     width = max(len(text) for text, _, _ in checks)

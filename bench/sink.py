@@ -4,7 +4,9 @@
     python bench/sink.py PORT
 
 Reads each request's body (Content-Length or chunked) to the end and throws it away, then
-answers 200 with a small JSON body, keeping the connection open. Two behaviours on demand:
+answers 200 with a small JSON body, keeping the connection open. It must never be what holds
+an upload back: bodies are received into one buffer per connection (``BufferedProtocol``,
+1 MiB per read) and counted, never copied. Two behaviours on demand:
 
 - ``X-Bench-Refuse: RUN`` on a request: the first token seen with that RUN is refused with
   MetaDefender's 401009 (after the body was read), as the API does when a token expires in
@@ -30,6 +32,7 @@ OK = answer(b"200 OK", b'{"data_id":"bench-1"}')
 EXPIRED = answer(
     b"401 Unauthorized", b'{"error":{"code":401009,"messages":["OAuth token has expired"]}}'
 )
+HEAD_LIMIT = 64 * 1024
 
 
 @dataclass
@@ -38,64 +41,107 @@ class State:
     in_flight: int = 0
 
 
-async def skip(reader: asyncio.StreamReader, left: int) -> bool:
-    while left:
-        chunk = await reader.read(min(left, 1 << 20))
-        if not chunk:
-            return False
-        left -= len(chunk)
-    return True
+class Sink(asyncio.BufferedProtocol):
+    """One connection: a request head, then its body skipped, then the answer; again."""
 
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.raw = bytearray(1 << 20)
+        self.buffer = memoryview(self.raw)
+        self.line = bytearray()  # a request head or a chunk-size line, until it is whole
+        self.left = 0  # body bytes still to skip
+        self.chunked = False
+        self.target = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.transport: asyncio.Transport | None = None
 
-async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, state: State) -> None:
-    try:
-        while True:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            target = lines[0].split(b" ")[1] if lines[0].count(b" ") >= 2 else b"/"
-            headers = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                headers[name.strip().lower()] = value.strip()
-            if b"content-length" in headers:
-                if not await skip(reader, int(headers[b"content-length"])):
-                    return
-            elif headers.get(b"transfer-encoding") == b"chunked":
-                while True:
-                    size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                    if not await skip(reader, size + 2):
-                        return
-                    if size == 0:
-                        break
-            token = headers.get(b"authorization", b"")
-            run = headers.get(b"x-bench-refuse")
-            refused = state.refused.setdefault(run, set()) if run is not None else None
-            if target.startswith(b"/slow/"):
-                state.in_flight += 1
-                seen = state.in_flight
-                try:
-                    await asyncio.sleep(int(target.removeprefix(b"/slow/")) / 1000)
-                finally:
-                    state.in_flight -= 1
-                writer.write(answer(b"200 OK", b'{"in_flight":%d}' % seen))
-            elif refused is not None and (not refused or token in refused):
-                refused.add(token)
-                writer.write(EXPIRED)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data, at = self.buffer[:nbytes], 0
+        while at < nbytes:
+            if self.left:  # in a body (or a chunk and its CRLF): count the bytes, keep none
+                step = min(self.left, nbytes - at)
+                self.left -= step
+                at += step
+                if not self.left and not self.chunked:
+                    self.done()
+                continue
+            end = self.raw.find(b"\n", at, nbytes)
+            if end < 0:
+                self.line += data[at:]
+                at = nbytes
             else:
-                writer.write(OK)
-            await writer.drain()
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-        pass
-    finally:
-        writer.close()
+                self.line += data[at : end + 1]
+                at = end + 1
+                self.take_line()
+            if len(self.line) > HEAD_LIMIT and self.transport is not None:
+                self.transport.close()
+                return
+
+    def take_line(self) -> None:
+        if self.chunked:  # a chunk's size line
+            size = int(bytes(self.line).split(b";")[0], 16)
+            self.line.clear()
+            if size == 0:  # the last chunk, then its (empty) trailer line
+                self.chunked, self.left = False, 2
+                if not self.left:
+                    self.done()
+            else:
+                self.left = size + 2
+            return
+        if not self.line.endswith(b"\r\n\r\n"):
+            return  # the head is not whole yet
+        lines = bytes(self.line).split(b"\r\n")
+        self.line.clear()
+        self.target = lines[0].split(b" ")[1] if lines[0].count(b" ") >= 2 else b"/"
+        self.headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            self.headers[name.strip().lower()] = value.strip()
+        if self.headers.get(b"transfer-encoding") == b"chunked":
+            self.chunked = True
+        else:
+            self.left = int(self.headers.get(b"content-length", b"0"))
+            if not self.left:
+                self.done()
+
+    def done(self) -> None:
+        """The request was read whole: answer it."""
+        transport, state = self.transport, self.state
+        assert transport is not None
+        token = self.headers.get(b"authorization", b"")
+        run = self.headers.get(b"x-bench-refuse")
+        refused = state.refused.setdefault(run, set()) if run is not None else None
+        if self.target.startswith(b"/slow/"):
+            state.in_flight += 1
+            body = b'{"in_flight":%d}' % state.in_flight
+
+            def late() -> None:
+                state.in_flight -= 1
+                if not transport.is_closing():
+                    transport.write(answer(b"200 OK", body))
+
+            delay = int(self.target.removeprefix(b"/slow/")) / 1000
+            asyncio.get_running_loop().call_later(delay, late)
+        elif refused is not None and (not refused or token in refused):
+            refused.add(token)
+            transport.write(EXPIRED)
+        else:
+            transport.write(OK)
 
 
 async def main() -> None:
     port = int(sys.argv[1])
     state = State()
     # A backlog for thousands of connections arriving at once (asyncio's default is 100).
-    server = await asyncio.start_server(
-        lambda r, w: serve(r, w, state), "127.0.0.1", port, limit=1 << 20, backlog=4096
+    server = await asyncio.get_running_loop().create_server(
+        lambda: Sink(state), "127.0.0.1", port, backlog=4096
     )
     print(f"sink on 127.0.0.1:{server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
