@@ -11,8 +11,9 @@ says how it was served in ``X-Cache-Status``: MISS, HIT, BYPASS or STALE.
 
 With a ``SharedStore`` (``cache.redis_url``), the answers and uploads are kept in Redis as well,
 and a flight goes upstream in one replica of the fleet only: requests coalesce in process
-first, then the flight asks Redis (one round trip), and only then the upstream, under the
-fleet's lock for the key, while other replicas wait for its answer (proxy/shared.py).
+first, then the flight asks Redis (one round trip; two more on a miss: the lock, and storing
+the answer with giving the lock up, after the callers have it), and only then the upstream,
+while other replicas wait for its answer (proxy/shared.py).
 
 The key is written down in ``LookupCache.key``: the upstream identity (digests of the OAuth
 client id and the apikey that goes upstream), method, raw path (a hash folded to lower case),
@@ -345,6 +346,8 @@ class LookupCache:
     ) -> _Flown:
         """A flight: the fleet's answer if it has one, else the upstream's (kept)."""
         lead = None  # the fleet's lock on ``key``, ours until released
+        shared: bytes | None = None  # what the fleet's store is to keep, and how long
+        ttl = 0.0
         try:
             if self._shared is not None:
                 found, lead = await self._ask_fleet(space, key, refresh)
@@ -357,21 +360,20 @@ class LookupCache:
             except Exception as exc:  # nobody may be waiting: no exception must be left unread
                 log.error("a cached lookup's upstream request failed: %s", type(exc).__name__)
                 return ProxyError("the upstream request failed inside the proxy", code=500001)
-            kept = None
             if captured.answer is not None:
                 keep = self._remember_upload if space == UPLOADS else self._store
                 kept = keep(key, captured.answer)
-            if kept is not None and self._shared is not None:
-                value = kept.encode(self._shared.to_wall)
-                if len(value) <= self._fleet_limit:
+                if kept is not None and self._shared is not None:
+                    shared = kept.encode(self._shared.to_wall)
+                    shared = shared if len(shared) <= self._fleet_limit else None
                     ttl = kept.stale_until - self._clock()
-                    await self._shared.store(space, key, value, ttl)
             return captured
         finally:
             if body is not None:
                 body.close()
-            if lead is not None and self._shared is not None:
-                await self._shared.release(key, lead)  # after storing: followers find it
+            if self._shared is not None:
+                # After the callers have their answer: store it, then give up the lock.
+                self._shared.publish(space, key, shared, ttl, lead)
 
     async def _ask_fleet(
         self, space: str, key: bytes, refresh: bool
@@ -380,7 +382,10 @@ class LookupCache:
         for it (None: another replica asked and stored nothing, or Redis could not say)."""
         assert self._shared is not None
         shared, limit = self._shared, self._fleet_limit
-        found = self._adopt(space, key, await shared.load(space, key, limit))
+        answered, value = await shared.load(space, key, limit)
+        if not answered:
+            return None, None  # one call that failed is all a request pays for Redis
+        found = self._adopt(space, key, value)
         if not refresh and self._fresh(found):
             return self._found(space, found), None
         claim, token, value = await shared.claim(space, key, limit)
@@ -400,6 +405,14 @@ class LookupCache:
         now = self._clock()
         if entry is None or now >= entry.stale_until:
             return None
+        # Another replica's clock may run ahead: no entry lives longer here than it could have.
+        longest = self._upload_ttl if space == UPLOADS else self._ttl + self._stale_ttl
+        entry = _Entry(
+            entry.answer,
+            min(entry.stored_at, now),
+            min(entry.fresh_until, now + longest),
+            min(entry.stale_until, now + longest),
+        )
         if space == UPLOADS:
             self._uploaded[key] = entry
         elif entry.size <= min(self._max_entry_size, self._entries.maxsize):
@@ -453,7 +466,7 @@ class LookupCache:
         self._count(request, status)
         extra = {CACHE_STATUS: status}
         if age is not None and status != "MISS":
-            extra["Age"] = str(int(age))
+            extra["Age"] = str(max(0, int(age)))
         return answer.response(extra)
 
     async def _bypass(

@@ -232,22 +232,39 @@ def _proxy_url(value: object) -> str:
     return str(proxy_url(text))
 
 
+# What a Redis URL may ask for besides host, port, user, password and database: the TLS
+# settings of rediss://. Timeouts, pools and retries are the proxy's (cache.redis_timeout).
+_REDIS_OPTIONS = frozenset(
+    {"db", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname"}
+)
+
+
 def _redis_url(value: object) -> str:
     """``redis://[user:password@]host:port/db``, ``rediss://`` (TLS) or ``unix:///path``."""
     text = _secret(value)
     url = URL(text)
-    # Quote the URL without its user:password part: that may be a secret.
-    shown = repr(str(url.with_user(None).with_password(None))) if url.is_absolute() else "it"
+    # Quote the URL without its user:password part and its query: they may hold a secret.
+    shown = repr(str(url.with_user(None).with_query(None))) if url.is_absolute() else "it"
     if url.scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"{shown} is not a redis://, rediss:// or unix:// URL")
     if url.scheme != "unix" and not url.host:
         raise ValueError(f"{shown} has no host")
     if url.scheme == "unix" and not url.path.startswith("/"):
         raise ValueError(f"{shown} has no socket path")
+    unknown = sorted(set(url.query) - _REDIS_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"{shown} asks for {', '.join(unknown)[:80]}; the options it may carry are "
+            f"{', '.join(sorted(_REDIS_OPTIONS))} (a password goes in user:password@)"
+        )
+    if url.scheme != "rediss" and any(name.startswith("ssl_") for name in url.query):
+        raise ValueError(f"{shown} has TLS options: they need rediss://")
     try:
         parse_redis_url(text)
     except ValueError:
-        raise ValueError(f"{shown} is not a URL redis-py accepts (database or options)") from None
+        raise ValueError(
+            f"{shown} is not a URL redis-py accepts (its database or options)"
+        ) from None
     return text
 
 

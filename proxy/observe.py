@@ -201,12 +201,13 @@ class Metrics:
         self.redis_errors = Counter(
             prefix + "redis_errors",
             "Redis calls of the shared quota guard that failed, by reason (timeout, "
-            "unreachable, refused, invalid: a value this fleet did not write); each one "
-            "only cost the request its sharing.",
+            "unreachable, refused, invalid: a value this fleet did not write, busy: every "
+            "connection in use for cache.redis_timeout); each one only cost the request its "
+            "sharing.",
             ["reason"],
             registry=self.registry,
         )
-        for reason in ("timeout", "unreachable", "refused", "invalid"):
+        for reason in ("timeout", "unreachable", "refused", "invalid", "busy"):
             self.redis_errors.labels(reason)
         self.redis_degraded = Gauge(
             prefix + "redis_degraded",

@@ -15,7 +15,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,8 @@ THROTTLED = frozenset({429001, 429002})
 KINDS = 256
 LIMIT_TYPES = 16
 MAX_WINDOW = 3600.0
+MAX_NAME = 64  # characters of a limit type's name or interval
+MAX_KIND = 256  # characters of a kind of call the fleet is told of
 USED_UP = 429000
 _ROUTE = re.compile(r"^(/v4/[^/?]+)")
 _SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*s?\s*$")
@@ -149,10 +151,13 @@ class QuotaWatch:
             if wait is not None and (kind in self._closed_until or len(self._closed_until) < KINDS):
                 until = now + min(wait, MAX_WINDOW)
                 self._closed_until[kind] = max(self._closed_until.get(kind, 0.0), until)
-                if self.on_window is not None:
-                    self.on_window(kind, headers.get("X-RateLimit-For"), until)
+                named = headers.get("X-RateLimit-For")
+                if self.on_window is not None and len(kind) <= MAX_KIND:
+                    self.on_window(kind, named if named and len(named) <= MAX_NAME else None, until)
         name = headers.get("X-RateLimit-For")
-        if not name or (name not in self.limits and len(self.limits) >= LIMIT_TYPES):
+        if not name or len(name) > MAX_NAME:
+            return
+        if name not in self.limits and len(self.limits) >= LIMIT_TYPES:
             return
         if kind in self._kind_limits or len(self._kind_limits) < KINDS:
             self._kind_limits[kind] = name
@@ -172,7 +177,8 @@ class QuotaWatch:
         reset = _seconds(headers.get("X-RateLimit-Reset-In"))
         if reset is not None:
             limit.resets_at = now + reset
-        limit.interval = headers.get("X-RateLimit-Interval", limit.interval)
+        interval = headers.get("X-RateLimit-Interval")
+        limit.interval = interval[:MAX_NAME] if interval is not None else limit.interval
         limit.seen_at = now
         self._changed.add(name)
 
@@ -192,6 +198,10 @@ class QuotaWatch:
         self._changed.clear()
         return figures
 
+    def unsent(self, names: Iterable[str]) -> None:
+        """The figures of ``names`` did not reach the fleet: ``changed()`` gives them again."""
+        self._changed.update(name for name in names if name in self.limits)
+
     def merge_limit(
         self, name: str, figures: Mapping[str, Any], from_wall: Callable[[float], float]
     ) -> None:
@@ -203,9 +213,9 @@ class QuotaWatch:
             return
         if not all(c is None or (isinstance(c, int) and not isinstance(c, bool)) for c in counts):
             return
-        if not (interval is None or (isinstance(interval, str) and len(interval) <= 64)):
+        if not (interval is None or (isinstance(interval, str) and len(interval) <= MAX_NAME)):
             return
-        if not name or len(name) > 64:
+        if not name or len(name) > MAX_NAME:
             return
         limit = self.limits.get(name)
         if limit is None:
@@ -223,7 +233,7 @@ class QuotaWatch:
     def merge_window(self, window: Mapping[str, Any], from_wall: Callable[[float], float]) -> None:
         """Take a throttle window another replica saw."""
         kind, name, until = window.get("kind"), window.get("limit"), window.get("until")
-        if not isinstance(kind, str) or len(kind) > 256 or not _number(until):
+        if not isinstance(kind, str) or len(kind) > MAX_KIND or not _number(until):
             return
         until = from_wall(float(until))  # type: ignore[arg-type]
         left = until - self._clock()
@@ -232,7 +242,7 @@ class QuotaWatch:
         if kind in self._closed_until or len(self._closed_until) < KINDS:
             self._closed_until[kind] = max(self._closed_until.get(kind, 0.0), until)
         known = kind in self._kind_limits or len(self._kind_limits) < KINDS
-        if isinstance(name, str) and 0 < len(name) <= 64 and known:
+        if isinstance(name, str) and 0 < len(name) <= MAX_NAME and known:
             self._kind_limits[kind] = name
 
     def wait_for(

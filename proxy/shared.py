@@ -21,11 +21,11 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from enum import Enum
 from typing import Any, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -45,13 +45,14 @@ T = TypeVar("T")
 VERSION = b"1"  # of keys and values: a new format gets new keys
 _MAC = 32
 FIRST_BACKOFF, MAX_BACKOFF = 1.0, 30.0
+FAILURES_TO_OPEN = 3
 SYNC_SECONDS = 0.5
 FIRST_POLL, MAX_POLL = 0.002, 0.05  # a follower's pauses while another replica fetches
 POOL_CONNECTIONS = 64
 HEALTH_CHECK_SECONDS = 30
 # Hashes of the fleet's quota view: read one bounded page, kept an hour past the last write.
 _VIEW_TTL_MS = 3_600_000
-_MAX_FIELD = 512  # bytes of a window or limit value we accept
+_MAX_FIELD = 2048  # bytes of a window or limit value we accept
 
 # Deletes the flight lock only if it is still ours: it may have expired and been taken since.
 _RELEASE = """
@@ -77,21 +78,32 @@ def redis_address(url: str) -> str:
 
 
 class _Breaker:
-    """Whether Redis is worth asking: not for a while after it failed."""
+    """Whether Redis is worth asking: not for a while after it failed.
+
+    It opens after ``FAILURES_TO_OPEN`` failures in a row: a single call that timed out
+    while the whole machine stalled is not an outage. Calls are judged by when they started:
+    one that began before the breaker opened neither opens it again nor closes it; only a
+    call made while it allows one (a probe) does.
+    """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._backoff = FIRST_BACKOFF
         self._until = 0.0
+        self._opened = float("-inf")
+        self._failures = 0  # in a row
         self.down_since: float | None = None  # on the clock
 
     def allows(self) -> bool:
         return self._clock() >= self._until
 
-    def failed(self, reason: str) -> None:
+    def failed(self, reason: str, started: float) -> None:
+        if started < self._opened:
+            return  # counted already: it began before the breaker opened
+        self._failures += 1
+        if self.down_since is None and self._failures < FAILURES_TO_OPEN:
+            return
         now = self._clock()
-        if now < self._until:
-            return  # a call started before the breaker opened
         if self.down_since is None:
             self.down_since = now
             self._backoff = FIRST_BACKOFF
@@ -104,15 +116,16 @@ class _Breaker:
             )
         else:
             self._backoff = min(MAX_BACKOFF, self._backoff * 2)
-        self._until = now + self._backoff
+        self._opened, self._until = now, now + self._backoff
 
-    def succeeded(self) -> None:
+    def succeeded(self, started: float) -> None:
+        if started < self._opened:
+            return
+        self._failures = 0
         if self.down_since is not None:
-            log.info("Redis answers again after %.0f s: the quota guard is shared", self._gone())
-            self.down_since = None
-
-    def _gone(self) -> float:
-        return self._clock() - (self.down_since or self._clock())
+            gone = self._clock() - self.down_since
+            log.info("Redis answers again after %.0f s: the quota guard is shared", gone)
+            self.down_since, self._until = None, 0.0
 
 
 class SharedStore:
@@ -131,19 +144,23 @@ class SharedStore:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        pool = BlockingConnectionPool.from_url(
+        pool = ConnectionPool.from_url(
             url,
             max_connections=POOL_CONNECTIONS,
-            timeout=timeout,  # for a free connection of the pool
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             # One immediate retry on a fresh connection (Redis restarted), never a backoff:
             # redis-py's default would retry for seconds.
             retry=Retry(NoBackoff(), 1),
             health_check_interval=HEALTH_CHECK_SECONDS,
-            client_name="mdcloud-proxy",
+            # A new connection is a TCP connect (and AUTH, SELECT if the URL asks): no
+            # CLIENT SETINFO round trips, so that opening one in a burst stays quick.
+            driver_info=None,
         )
         self._redis = Redis(connection_pool=pool)
+        # Calls waiting for a connection wait here, not in the pool: a burst that waits out
+        # cache.redis_timeout here skips Redis without calling it an outage.
+        self._free = asyncio.Semaphore(POOL_CONNECTIONS)
         self._release = self._redis.register_script(_RELEASE)
         self.address = redis_address(url)
         self._base = f"{prefix}v{VERSION.decode()}:"
@@ -187,7 +204,7 @@ class SharedStore:
         try:
             async with asyncio.timeout(max(within, self._timeout)):
                 return bool(await self._redis.ping())
-        except (RedisError, OSError, TimeoutError):
+        except Exception:  # the first real call says what is wrong, once
             return False
 
     async def close(self) -> None:
@@ -202,11 +219,12 @@ class SharedStore:
     def _key(self, space: str, digest: bytes) -> str:
         return f"{self._base}{space}:{digest.hex()}"
 
-    async def load(self, space: str, digest: bytes, limit: int) -> bytes | None:
-        """The value this fleet stored under ``digest``, if any (at most ``limit`` bytes)."""
+    async def load(self, space: str, digest: bytes, limit: int) -> tuple[bool, bytes | None]:
+        """Whether Redis answered, and the value this fleet stored under ``digest``, if any
+        (at most ``limit`` bytes)."""
         key = self._key(space, digest)
         value = await self._ask(lambda r: r.getrange(key, 0, limit + _MAC))
-        return self._open(key, value)
+        return value is not None, self._open(key, value)
 
     async def store(self, space: str, digest: bytes, value: bytes, ttl: float) -> None:
         """Keep ``value`` for ``ttl`` seconds."""
@@ -235,10 +253,25 @@ class SharedStore:
         taken, value = result
         return (Claim.LEAD if taken else Claim.FOLLOW), token, self._open(key, value)
 
+    def publish(
+        self, space: str, digest: bytes, value: bytes | None, ttl: float, lead: str | None
+    ) -> None:
+        """In the background: keep ``value`` (if any), then give up the lock ``lead`` (if
+        ours), in that order, so that a replica that sees the lock gone finds the answer."""
+
+        async def publish() -> None:
+            if value is not None:
+                await self.store(space, digest, value, ttl)
+            if lead is not None:
+                await self.release(digest, lead)
+
+        self._spawn(publish())
+
     async def release(self, digest: bytes, token: str) -> None:
-        """Give up the flight lock, if it is still ours."""
+        """Give up the flight lock, if it is still ours: asked even while the breaker is
+        open (for a while after a failed store), since others wait for it."""
         lock = self._key("lock", digest)
-        await self._ask(lambda r: self._release(keys=[lock], args=[token], client=r))
+        await self._ask(lambda r: self._release(keys=[lock], args=[token], client=r), probe=True)
 
     async def follow(self, space: str, digest: bytes, limit: int) -> bytes | None:
         """Wait up to ``lock_timeout`` for the replica that holds the lock to give it up;
@@ -272,7 +305,10 @@ class SharedStore:
 
     def tell_window(self, kind: str, limit: str | None, until: float) -> None:
         """``QuotaWatch.on_window``: tell the fleet, without holding up the request."""
-        task = asyncio.get_running_loop().create_task(self.note_window(kind, limit, until))
+        self._spawn(self.note_window(kind, limit, until))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -318,6 +354,7 @@ class SharedStore:
 
         result = await self._ask(ask)
         if result is None:
+            quota.unsent(mine)  # told of at the next sync that gets through
             return
         (_, seen_limits), (_, seen_windows) = result
         for name, value in list(_fields(seen_limits))[:LIMIT_TYPES]:
@@ -344,28 +381,37 @@ class SharedStore:
 
     # -- every call ------------------------------------------------------------------
 
-    async def _ask(self, call: Callable[[Redis], Awaitable[T]]) -> T | None:
-        """``call``'s result, or None when Redis did not answer in time or failed."""
-        if not self._breaker.allows():
+    async def _ask(self, call: Callable[[Redis], Awaitable[T]], *, probe: bool = False) -> T | None:
+        """``call``'s result, or None when Redis did not answer in time or failed; ``probe``:
+        asked even while the breaker is open."""
+        if not (probe or self._breaker.allows()):
             return None
+        started = self._clock()
+        calling = False
         try:
             async with asyncio.timeout(self._timeout):
-                result = await call(self._redis)
+                async with self._free:
+                    calling = True
+                    result = await call(self._redis)
         except ResponseError as exc:
             # Redis answered, but no: full (maxmemory), a key of another type, no permission.
             self._metrics.redis_errors.labels("refused").inc()
             self._refused("refused", "Redis refused a command: %s", first_words(exc))
             return None
         except (RedisError, OSError, TimeoutError) as exc:
+            if not calling:
+                self._metrics.redis_errors.labels("busy").inc()
+                return None  # every connection was busy: this call skips Redis
             reason = "timeout" if isinstance(exc, TimeoutError | RedisTimeout) else "unreachable"
             self._metrics.redis_errors.labels(reason).inc()
-            self._breaker.failed(
-                f"no answer within {self._timeout * 1000:.0f} ms"
-                if reason == "timeout"
-                else f"{self.address}: {first_words(exc)}"
-            )
+            why = f"no answer within {self._timeout * 1000:.0f} ms" if reason == "timeout" else ""
+            self._breaker.failed(why or f"{self.address}: {first_words(exc)}", started)
             return None
-        self._breaker.succeeded()
+        except Exception as exc:  # a redis-py surprise must cost sharing, never the request
+            self._metrics.redis_errors.labels("unreachable").inc()
+            self._breaker.failed(f"{self.address}: {type(exc).__name__}", started)
+            return None
+        self._breaker.succeeded(started)
         return result
 
     def _seal(self, key: str, value: bytes) -> bytes:

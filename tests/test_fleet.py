@@ -386,7 +386,9 @@ async def test_redis_killed_mid_load_loses_no_request(redis_server, replicas, fl
 
 
 async def test_a_stalled_redis_adds_at_most_redis_timeout(redis_server, replicas, client):
-    (a,) = await replicas(1, **shared(redis_server, MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT="50ms"))
+    # 200 ms, not the default 50: a bound far above this machine's noise, so that paying it
+    # twice (two calls timing out in one request) fails the test.
+    (a,) = await replicas(1, **shared(redis_server, MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT="200ms"))
     for i in range(20):  # the connections to Redis are open and warm
         assert (await lookup(client, a.url, ip(i)))[0] == 200
     quick = sorted([(await lookup(client, a.url, ip(i)))[2] for i in range(20, 40)])
@@ -399,7 +401,7 @@ async def test_a_stalled_redis_adds_at_most_redis_timeout(redis_server, replicas
     typical = quick[len(quick) // 2]
     # The first call to time out opens the breaker; the others do not ask Redis at all.
     # The margin is for a busy machine: scheduling, not Redis.
-    assert max(t for _, _, t in took) < typical + 0.05 + 0.25
+    assert 0.2 <= max(t for _, _, t in took) < typical + 0.2 + 0.1
     assert sorted(t for _, _, t in took)[10] < typical + 0.05
     metrics = await scrape(client, a.url + "/-/metrics")
     assert metrics[("mdcloud_proxy_redis_errors_total", (("reason", "timeout"),))] >= 1
@@ -408,7 +410,7 @@ async def test_a_stalled_redis_adds_at_most_redis_timeout(redis_server, replicas
 
 async def test_a_slow_redis_debug_sleep(redis_server, replicas, client):
     """Redis busy (a slow command of someone else's) rather than stopped: the same bound."""
-    (a,) = await replicas(1, **shared(redis_server, MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT="50ms"))
+    (a,) = await replicas(1, **shared(redis_server, MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT="200ms"))
     assert (await lookup(client, a.url, IP))[0] == 200
     async with redis_server.client() as r:
         sleeper = asyncio.create_task(r.execute_command("DEBUG", "SLEEP", "2"))
@@ -416,7 +418,7 @@ async def test_a_slow_redis_debug_sleep(redis_server, replicas, client):
         took = [await lookup(client, a.url, ip(i)) for i in range(5)]
         await sleeper
     assert [status for status, _, _ in took] == [200] * 5
-    assert max(t for _, _, t in took) < 0.05 + 0.35
+    assert max(t for _, _, t in took) < 0.2 + 0.1
 
 
 async def test_flushed_and_full_redis_cost_nothing_but_sharing(
@@ -520,7 +522,10 @@ def test_a_wrong_redis_url_names_the_key_and_not_the_password():
     env = {"MDCLOUD_CLIENT_ID": "x", "MDCLOUD_CLIENT_SECRET": "y"}
     for url, problem in (
         (f"http://u:{REDIS_PASSWORD}@h:6379/0", "is not a redis://, rediss:// or unix:// URL"),
-        (f"redis://u:{REDIS_PASSWORD}@h:6379/0?socket_timeout=x", "is not a URL redis-py"),
+        (f"redis://u:{REDIS_PASSWORD}@h:6379/0?socket_timeout=x", "asks for socket_timeout"),
+        (f"redis://h:6379/0?password={REDIS_PASSWORD}", "asks for password"),
+        ("redis://h:6379/0?ssl_ca_certs=/ca.pem", "has TLS options: they need rediss://"),
+        ("redis://h:6379/0?db=abc", "is not a URL redis-py accepts"),
         ("unix://", "has no socket path"),
     ):
         with pytest.raises(ConfigError) as info:
@@ -569,3 +574,31 @@ async def test_check_says_whether_redis_answers(tmp_path, fleet_sim):
         out.splitlines()[-1],
     )
     assert REDIS_PASSWORD not in out
+
+
+def test_the_breaker_judges_calls_by_when_they_started():
+    """Three failures in a row open it (one timeout while the machine stalled does not); a
+    call that began before it opened neither closes it (status would say healthy while
+    nothing is asked) nor opens it again (a second warning)."""
+    from proxy.shared import _Breaker
+
+    now = [100.0]
+    breaker = _Breaker(lambda: now[0])
+    breaker.failed("slow", started=99.8)
+    breaker.succeeded(started=99.8)  # a success in between: not in a row
+    breaker.failed("down", started=99.85)
+    breaker.failed("down", started=99.9)
+    assert (breaker.allows(), breaker.down_since) == (True, None)
+    breaker.failed("down", started=99.9)
+    assert (breaker.allows(), breaker.down_since) == (False, 100.0)
+    breaker.succeeded(started=99.95)  # in flight when it opened: says nothing of now
+    breaker.failed("down", started=99.97)
+    assert (breaker.allows(), breaker.down_since) == (False, 100.0)
+    now[0] = 101.0  # the first backoff: one probe may go
+    assert breaker.allows()
+    breaker.failed("down", started=101.0)  # a failed probe reopens it at once, for longer
+    now[0] = 102.5
+    assert not breaker.allows()  # 2 s now
+    now[0] = 103.0
+    breaker.succeeded(started=103.0)
+    assert (breaker.allows(), breaker.down_since) == (True, None)
