@@ -365,7 +365,7 @@ class LookupCache:
                 value = kept.encode(self._shared.to_wall)
                 if len(value) <= self._fleet_limit:
                     ttl = kept.stale_until - self._clock()
-                    await self._shared.store(space, key, value, ttl)
+                    await self._shared.store(space, key, value, ttl, held=lead is not None)
             return captured
         finally:
             if body is not None:

@@ -207,11 +207,14 @@ class SharedStore:
         value = await self._ask(lambda r: r.getrange(key, 0, limit + _MAC))
         return self._open(key, value)
 
-    async def store(self, space: str, digest: bytes, value: bytes, ttl: float) -> None:
-        """Keep ``value`` for ``ttl`` seconds."""
+    async def store(
+        self, space: str, digest: bytes, value: bytes, ttl: float, *, held: bool = False
+    ) -> None:
+        """Keep ``value`` for ``ttl`` seconds; ``held``: under the flight lock of ``digest``
+        (other replicas wait for this value: see ``_ask``)."""
         key = self._key(space, digest)
         sealed = self._seal(key, value)
-        await self._ask(lambda r: r.set(key, sealed, px=max(1, int(ttl * 1000))))
+        await self._ask(lambda r: r.set(key, sealed, px=max(1, int(ttl * 1000))), held=held)
 
     async def claim(self, space: str, digest: bytes, limit: int) -> tuple[Claim, str, bytes | None]:
         """Take the flight lock of ``digest``: who asks the upstream, a token to release it
@@ -237,7 +240,7 @@ class SharedStore:
     async def release(self, digest: bytes, token: str) -> None:
         """Give up the flight lock, if it is still ours."""
         lock = self._key("lock", digest)
-        await self._ask(lambda r: self._release(keys=[lock], args=[token], client=r))
+        await self._ask(lambda r: self._release(keys=[lock], args=[token], client=r), held=True)
 
     async def follow(self, space: str, digest: bytes, limit: int) -> bytes | None:
         """Wait up to ``lock_timeout`` for the replica that holds the lock to store its
@@ -344,9 +347,15 @@ class SharedStore:
 
     # -- every call ------------------------------------------------------------------
 
-    async def _ask(self, call: Callable[[Redis], Awaitable[T]]) -> T | None:
-        """``call``'s result, or None when Redis did not answer in time or failed."""
-        if not self._breaker.allows():
+    async def _ask(self, call: Callable[[Redis], Awaitable[T]], *, held: bool = False) -> T | None:
+        """``call``'s result, or None when Redis did not answer in time or failed.
+
+        ``held``: a call that finishes a flight lock this replica took. It is made even
+        while the breaker is open: the other replicas wait for it up to ``lock_timeout``,
+        and one timed-out call of another request must not cost them that. Only locks
+        taken before the breaker opened are held, so this asks a failing Redis a few times
+        at most, each bounded by ``redis_timeout``."""
+        if not held and not self._breaker.allows():
             return None
         try:
             async with asyncio.timeout(self._timeout):
