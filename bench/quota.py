@@ -281,6 +281,7 @@ class Run:
     proxy_cpu_s: list[float]  # per replica
     requests: list[int]  # per replica
     started: float  # monotonic, for the times in ``callers``
+    started_wall: float  # the same moment on the wall clock, to read the proxies' logs by
     asked: dict[bytes, list[tuple[str, float]]]  # the upstream's, by request
     callers: dict[str, Answered]  # by X-Request-Id
     metrics: list[str]  # each replica's /-/metrics page, at the end
@@ -357,7 +358,8 @@ async def run_day(
         if redis is not None:
             redis_before = await redis.stats()
         pressure = cpu_pressure_us()
-        started, cpu = time.monotonic(), [cpu_seconds(pid) for pid in pids]
+        started, started_wall = time.monotonic(), time.time()
+        cpu = [cpu_seconds(pid) for pid in pids]
         async with asyncio.timeout(RUN_TIMEOUT), asyncio.TaskGroup() as group:
             for number, steps in enumerate(plan.tools):
                 group.create_task(tool(number, steps))
@@ -369,8 +371,8 @@ async def run_day(
         async with aiohttp.ClientSession() as probe:
             metrics = [await page(probe, proxy.url + "/-/metrics") for proxy in proxies]
     return Run(
-        upstream.kinds, statuses, answers, wall, cpu, requests, started, upstream.asked,
-        callers, metrics, proxies, waited, redis_used,
+        upstream.kinds, statuses, answers, wall, cpu, requests, started, started_wall,
+        upstream.asked, callers, metrics, proxies, waited, redis_used,
     )  # fmt: skip
 
 
@@ -834,6 +836,7 @@ def fleet_results(run: Run, args: argparse.Namespace, calls: int, ideal: int) ->
         "statuses_by_replica": [dict(counts) for counts in by_replica],
         "answers": dict(run.answers),
         "wall_s": round(run.wall_s, 3),
+        "started_wall": run.started_wall,  # the times in "wasted" are ms after it
         "cpu_waited": run.cpu_waited,
         "proxy_cpu_s": [round(cpu, 2) for cpu in run.proxy_cpu_s],
         "cpu_ms_per_request": sum(run.proxy_cpu_s) / calls * 1000,
