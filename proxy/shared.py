@@ -226,11 +226,13 @@ class SharedStore:
         value = await self._ask(lambda r: r.getrange(key, 0, limit + _MAC))
         return value is not None, self._open(key, value)
 
-    async def store(self, space: str, digest: bytes, value: bytes, ttl: float) -> None:
-        """Keep ``value`` for ``ttl`` seconds."""
+    async def store(
+        self, space: str, digest: bytes, value: bytes, ttl: float, *, probe: bool = False
+    ) -> None:
+        """Keep ``value`` for ``ttl`` seconds; ``probe``: even while the breaker is open."""
         key = self._key(space, digest)
         sealed = self._seal(key, value)
-        await self._ask(lambda r: r.set(key, sealed, px=max(1, int(ttl * 1000))))
+        await self._ask(lambda r: r.set(key, sealed, px=max(1, int(ttl * 1000))), probe=probe)
 
     async def claim(self, space: str, digest: bytes, limit: int) -> tuple[Claim, str, bytes | None]:
         """Take the flight lock of ``digest``: who asks the upstream, a token to release it
@@ -260,8 +262,8 @@ class SharedStore:
         ours), in that order, so that a replica that sees the lock gone finds the answer."""
 
         async def publish() -> None:
-            if value is not None:
-                await self.store(space, digest, value, ttl)
+            if value is not None:  # other replicas wait for it, if the lock is ours
+                await self.store(space, digest, value, ttl, probe=lead is not None)
             if lead is not None:
                 await self.release(digest, lead)
 

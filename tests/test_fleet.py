@@ -408,6 +408,46 @@ async def test_a_stalled_redis_adds_at_most_redis_timeout(redis_server, replicas
     assert metrics[("mdcloud_proxy_redis_degraded", ())] == 1
 
 
+async def test_a_lock_held_when_redis_failed_is_still_released(
+    redis_server, replicas, fleet_sim, client
+):
+    """A replica whose breaker opened while it held the fleet's lock for a key (one Redis
+    call of another request timed out) still stores its answer and gives up the lock: the
+    other replicas must not wait ``lock_timeout`` for it, then ask the upstream again."""
+    sim, _ = fleet_sim
+    sim.gate = asyncio.Event()  # A's lookup waits upstream, holding the fleet's lock
+    a, b = await replicas(
+        2,
+        **shared(
+            redis_server,
+            MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT="300ms",
+            MDCLOUD_PROXY_CACHE_LOCK_TIMEOUT="5s",
+        ),
+    )
+    leading = asyncio.create_task(lookup(client, a.url, IP))
+    await wait_until(lambda: asyncio.sleep(0, sim.in_flight["reputation_api"] >= 1), 10)
+    timeouts = ("mdcloud_proxy_redis_errors_total", (("reason", "timeout"),))
+
+    async def a_is_degraded() -> bool:
+        metrics = await scrape(client, a.url + "/-/metrics")
+        return metrics[timeouts] >= 3 and metrics[("mdcloud_proxy_redis_degraded", ())] == 1
+
+    redis_server.pause()
+    try:
+        # Three Redis calls time out (their lookups then wait upstream too): A's breaker opens.
+        others = [asyncio.create_task(lookup(client, a.url, ip(i))) for i in (1, 2, 3)]
+        await wait_until(a_is_degraded, 10)
+    finally:
+        redis_server.resume()
+        sim.gate.set()
+    assert (await leading)[:2] == (200, "MISS")
+    assert [(await each)[0] for each in others] == [200] * 3
+    status, cached, took = await lookup(client, b.url, IP)
+    assert (status, cached) == (200, "HIT"), took
+    assert took < 2.0  # not the lock's 5 s
+    assert sim.lookups == 4  # IP once (by A), ip(1), ip(2), ip(3) once each (A alone)
+
+
 async def test_a_slow_redis_debug_sleep(redis_server, replicas, client):
     """Redis busy (a slow command of someone else's) rather than stopped: the same bound."""
     (a,) = await replicas(1, **shared(redis_server, MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT="200ms"))
