@@ -7,11 +7,12 @@ import asyncio
 import hashlib
 import os
 import re
+import socket
 import ssl
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -384,6 +385,56 @@ async def spawn(
         cwd=ROOT,
         preexec_fn=preexec_fn,
     )
+
+
+@dataclass
+class ProxyProcess:
+    """A proxy started by ``spawn``: where it listens, and its output, read all along (a full
+    pipe would stall it). ``stop()`` ends it and prints the output, which pytest shows when
+    a test fails."""
+
+    proc: asyncio.subprocess.Process
+    url: str = ""
+    lines: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+
+    async def started(self) -> ProxyProcess:
+        """Read the output up to the line that says where it listens (15 s at most)."""
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(15):
+            while not self.url:
+                line = (await self.proc.stdout.readline()).decode(errors="replace")
+                assert line, "the proxy ended:\n" + self.log
+                self.lines.append(line)
+                match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
+                self.url = match.group(1) if match else ""
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.lines.append(line.decode(errors="replace"))
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        async with asyncio.timeout(20):
+            await self.proc.wait()
+        if self.reader is not None:
+            await self.reader
+        print(f"--- {self.url}\n{self.log}")
+
+
+def free_port() -> int:
+    """A loopback port free now (for a server that must be told its port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 async def wait_for_line(proc: asyncio.subprocess.Process, pattern: str) -> re.Match[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,86 +13,37 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .conftest import ROOT, TOKEN_PATH, account_env, get_status
-
-
-class Child:
-    """``python -m proxy`` with a soft and hard limit of ``files`` descriptors."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, url: str, output: list[bytes]):
-        self.proc, self.url, self.output = proc, url, output
-
-    @property
-    def lines(self) -> int:
-        return b"".join(self.output).count(b"\n")
+from .conftest import TOKEN_PATH, ProxyProcess, account_env, get_status, spawn
 
 
 @pytest.fixture
 async def child(upstream: str) -> AsyncIterator[Callable[..., object]]:
-    children: list[Child] = []
+    """``python -m proxy`` with a soft and hard limit of ``files`` descriptors."""
+    children: list[ProxyProcess] = []
 
-    async def _start(files: int, *args: str, hard: int = 0, **settings: str) -> Child:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MDCLOUD")}
-        settings = {
-            "UPSTREAM_URL": upstream,
-            "LISTEN_PORT": "0",
-            "SHUTDOWN_TIMEOUT": "1",
-            **settings,
-        }
-        env.update(
-            account_env(upstream),
-            MDCLOUD_PROXY_OAUTH_TOKEN_URL=upstream + TOKEN_PATH,
+    async def _start(files: int, *args: str, hard: int = 0, **settings: str) -> ProxyProcess:
+        settings = {"LISTEN_PORT": "0", "SHUTDOWN_TIMEOUT": "1", **settings}
+        env = {
+            **account_env(upstream),
+            "MDCLOUD_PROXY_OAUTH_TOKEN_URL": upstream + TOKEN_PATH,
             **{"MDCLOUD_PROXY_" + k: v for k, v in settings.items()},
-        )
+        }
 
         def limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (files, hard or files))
 
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            *args,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            cwd=ROOT,
-            preexec_fn=limit,
-        )
-        assert proc.stderr is not None
-        output: list[bytes] = []
-        async with asyncio.timeout(15):
-            while True:
-                line = await proc.stderr.readline()
-                assert line, b"".join(output).decode()
-                output.append(line)
-                if b"listening on http://" in line:
-                    port = int(line.rsplit(b"listening on http://127.0.0.1:", 1)[1].split(b",")[0])
-                    break
-
-        async def drain_output() -> None:
-            assert proc.stderr is not None
-            while line := await proc.stderr.readline():
-                output.append(line)
-
-        started = Child(proc, f"http://127.0.0.1:{port}", output)
-        started.reader = asyncio.create_task(drain_output())  # type: ignore[attr-defined]
+        started = ProxyProcess(await spawn(*args, env=env, preexec_fn=limit))
         children.append(started)
-        return started
+        return await started.started()
 
     yield _start
     for started in children:
-        if started.proc.returncode is None:
-            started.proc.terminate()
-        async with asyncio.timeout(15):
-            await started.proc.wait()
-            await started.reader  # type: ignore[attr-defined]
+        await started.stop()
 
 
 async def test_the_open_file_limit_is_raised_to_the_hard_limit(child):
     proxy = await child(256, hard=1024)
-    started = b"".join(proxy.output).decode()
-    assert "open-file limit 1024, at most 352 connections" in started
+    assert "open-file limit 1024, at most 352 connections" in proxy.log
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -116,7 +66,7 @@ async def test_a_flood_of_idle_connections_passes_and_leaves_no_log_storm(child,
     for _, writer in flood:
         writer.close()
     assert proxy.proc.returncode is None
-    assert proxy.lines < 40, b"".join(proxy.output).decode()[-3000:]
+    assert len(proxy.lines) < 40, proxy.log[-3000:]
 
 
 async def test_many_requests_to_a_slow_upstream_wait_for_a_connection(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +22,16 @@ import redis.asyncio as aioredis
 
 from proxy import Simulator
 
-from .conftest import API_KEY, CLIENT_ID, CLIENT_SECRET, account_env, scrape, spawn
+from .conftest import (
+    API_KEY,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    ProxyProcess,
+    account_env,
+    free_port,
+    scrape,
+    spawn,
+)
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 REDIS_PASSWORD = "r3dis-passw0rd-value"
@@ -32,12 +40,6 @@ IP = "192.0.2.1"  # an address to look up (TEST-NET: only the simulator answers 
 
 def ip(i: int) -> str:
     return f"198.51.{100 + i // 256}.{i % 256}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
@@ -114,35 +116,8 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
     await server.stop()
 
 
-@dataclass
-class Replica:
-    """A proxy process; its output is read all along (a full pipe would stall it)."""
-
-    proc: asyncio.subprocess.Process
-    url: str = ""
-    lines: list[str] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-
-    async def started(self) -> None:
-        """Read the output up to the line that says where it listens; the rest meanwhile."""
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(15):
-            while not self.url:
-                line = (await self.proc.stdout.readline()).decode(errors="replace")
-                assert line, "the proxy ended:\n" + self.log
-                self.lines.append(line)
-                match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-                self.url = match.group(1) if match else ""
-        self.reader = asyncio.create_task(self.read())
-
-    async def read(self) -> None:
-        assert self.proc.stdout is not None
-        while line := await self.proc.stdout.readline():
-            self.lines.append(line.decode(errors="replace"))
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
+class Replica(ProxyProcess):
+    """A replica of the fleet: a proxy process."""
 
     async def status(self, client: aiohttp.ClientSession) -> dict[str, Any]:
         async with client.get(self.url + "/-/status") as resp:
@@ -180,13 +155,7 @@ async def replicas(
 
     yield _start
     for replica in started:
-        if replica.proc.returncode is None:
-            replica.proc.terminate()
-        async with asyncio.timeout(20):
-            await replica.proc.wait()
-        if replica.reader is not None:
-            await replica.reader
-        print(f"--- {replica.url}\n{replica.log}")  # pytest shows it when a test fails
+        await replica.stop()
 
 
 def shared(server: RedisServer, **more: str) -> dict[str, str]:

@@ -6,7 +6,6 @@ import asyncio
 import io
 import logging
 import re
-import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from .conftest import (
     Proxy,
     chunks,
     eventually,
+    free_port,
     md_error,
     proxy_settings,
     quick_sleep,
@@ -34,12 +34,6 @@ from .conftest import (
 
 TINYPROXY = Path("/usr/bin/tinyproxy")
 PROXY_USER, PROXY_PASSWORD = "scanner", "pr0xy-passw0rd-value"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
