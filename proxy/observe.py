@@ -28,6 +28,7 @@ from .tokens import Token, TokenCache
 __all__ = [
     "CACHE",
     "CALLER_GONE",
+    "GONE",
     "REPLAY",
     "SENT",
     "Metrics",
@@ -44,6 +45,8 @@ Clock = Callable[[], float]
 # relayed (a streamed answer's own counters include headers and chunk framing).
 REPLAY = web.RequestKey("replay", str)
 SENT = web.RequestKey("sent", int)
+# Set by the forwarder when the caller hung up while its answer was being written.
+GONE = web.RequestKey("gone", bool)
 # Set by the quota guard: how a cacheable request was answered (X-Cache-Status).
 CACHE = web.RequestKey("cache", str)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
