@@ -20,7 +20,7 @@ from yarl import URL
 from .body import MemoryBudget, ReplayableBody
 from .errors import SERVER, SERVER_NAME, ProxyError, describe
 from .inbound import KEY_HEADER
-from .observe import REPLAY, SENT, Metrics, request_target
+from .observe import GONE, REPLAY, SENT, Metrics, request_target
 from .quota import USED_UP, QuotaWatch, Throttled, error_code, kind_of
 from .route import Hop, Route, proxy_failure
 from .tokens import Token, TokenCache, read_up_to
@@ -534,26 +534,32 @@ class Forwarder:
         out.content_length = resp.content_length
         await out.prepare(request)
         request[SENT] = 0
-        if peeked:
-            await out.write(peeked)
-            request[SENT] = len(peeked)
-        while True:
-            try:
-                chunk = await resp.content.readany()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning(
-                    "%s %s: upstream answer broke off (%s); aborting the caller's connection",
-                    request.method,
-                    request_target(request),
-                    describe(exc),
-                )
-                # A truncated answer must not look complete: no final chunk, no keep-alive.
-                if request.transport is not None:
-                    request.transport.abort()
-                return out
-            if not chunk:
-                break
-            await out.write(chunk)  # a caller who hung up raises here, and that ends it
-            request[SENT] += len(chunk)
-        await out.write_eof()
+        try:
+            if peeked:
+                await out.write(peeked)
+                request[SENT] = len(peeked)
+            while True:
+                try:
+                    chunk = await resp.content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    log.warning(
+                        "%s %s: upstream answer broke off (%s); aborting the caller's connection",
+                        request.method,
+                        request_target(request),
+                        describe(exc),
+                    )
+                    # A truncated answer must not look complete: no final chunk, no keep-alive.
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return out
+                if not chunk:
+                    break
+                await out.write(chunk)
+                request[SENT] += len(chunk)
+            await out.write_eof()
+        except ConnectionResetError:
+            # The caller hung up while its answer was being written (its connection was
+            # closing before aiohttp cancelled this handler): the caller's doing, counted as
+            # 499 and in its access log line, not an error of the proxy with a traceback.
+            request[GONE] = True
         return out

@@ -21,7 +21,7 @@ from .cache import LookupCache
 from .errors import ProxyError, error_response
 from .forward import Forwarder
 from .inbound import InboundGuard
-from .observe import CALLER_GONE, Metrics, Traffic, request_target
+from .observe import CALLER_GONE, GONE, Metrics, Traffic, request_target
 
 __all__ = ["OPS_PREFIX", "Pipeline", "failure", "refusal"]
 
@@ -69,7 +69,7 @@ class Pipeline:
         answer: web.StreamResponse | None = None
         try:
             answer = await self._handle(request)
-            status = answer.status
+            status = CALLER_GONE if GONE in request else answer.status
             return answer
         except asyncio.CancelledError:
             status = CALLER_GONE

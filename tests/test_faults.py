@@ -7,6 +7,7 @@ occurrence would show as growth.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -16,7 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from .conftest import chunks, eventually, get_status, md_error, open_deleted_files
+from .conftest import chunks, eventually, get_status, md_error, open_deleted_files, scrape
 
 REPEAT = 8
 # A token fetch that fails is retried inside the fetch, with real pauses of about a second.
@@ -312,3 +313,47 @@ async def test_caller_hanging_up_mid_download(proxy_before, handler_upstream, cl
         await eventually(lambda: len(ended) > before)  # the upstream stops sending too
 
     await assert_no_leak_over_repeats(fault, healthy(proxy))
+
+
+async def test_caller_hanging_up_as_its_answer_arrives_is_no_error(
+    proxy_before, raw_upstream, client, caplog
+):
+    """The caller resets its connection in the same instant as the upstream's answer arrives
+    (as wrk does at the end of a run): the proxy, woken by the answer before it learns of the
+    reset, finds the caller's connection closing when it writes. That is the caller's doing:
+    no error and no traceback in the log, the request counted as 499, the proxy serves on."""
+    callers: list[socket.socket] = []
+    body = b"x" * 300_000  # more than one write: the writes after the reset fail too
+
+    async def answer_and_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            if b"/v4/file/gone" in head:
+                callers.pop().close()  # the reset reaches the proxy right behind the answer
+
+    _, url = await raw_upstream(answer_and_hang_up)
+    proxy = await proxy_before(url)
+    caplog.set_level(logging.DEBUG, logger="mdcloud_proxy")
+    loop = asyncio.get_running_loop()
+    for _ in range(REPEAT):
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        callers.append(sock)
+        await loop.sock_sendall(sock, b"GET /v4/file/gone HTTP/1.1\r\nHost: x\r\n\r\n")
+        await eventually(lambda: not callers)
+    answered = ("mdcloud_proxy_requests_total", (("method", "GET"), ("status_class", "4xx")))
+    samples: dict = {}
+
+    async def all_counted() -> bool:
+        samples.update(await scrape(client, proxy.url + "/-/metrics"))
+        return samples.get(answered, 0) >= REPEAT
+
+    async with asyncio.timeout(5):
+        while not await all_counted():
+            await asyncio.sleep(0.01)
+    assert (await get_status(client, proxy.url + "/v4/file/small")) == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+    assert "Traceback" not in caplog.text
