@@ -80,17 +80,17 @@ def redis_address(url: str) -> str:
 class _Breaker:
     """Whether Redis is worth asking: not for a while after it failed.
 
-    It opens after ``FAILURES_TO_OPEN`` failures in a row: a single call that timed out
-    while the whole machine stalled is not an outage. Calls are judged by when they started:
-    one that began before the breaker opened neither opens it again nor closes it; only a
-    call made while it allows one (a probe) does.
+    It opens after ``FAILURES_TO_OPEN`` failures in a row, each of a call begun after the one
+    before was seen to fail: calls that time out together (the machine stalled, or one slow
+    moment of Redis) are one failure, not an outage. A call that began before the latest
+    failure neither opens the breaker again nor closes it; only a later call (a probe) does.
     """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._backoff = FIRST_BACKOFF
         self._until = 0.0
-        self._opened = float("-inf")
+        self._seen = float("-inf")  # when the latest failure was seen
         self._failures = 0  # in a row
         self.down_since: float | None = None  # on the clock
 
@@ -98,12 +98,12 @@ class _Breaker:
         return self._clock() >= self._until
 
     def failed(self, reason: str, started: float) -> None:
-        if started < self._opened:
-            return  # counted already: it began before the breaker opened
+        if started < self._seen:
+            return  # the same trouble as the failure before
+        now = self._seen = self._clock()
         self._failures += 1
         if self.down_since is None and self._failures < FAILURES_TO_OPEN:
             return
-        now = self._clock()
         if self.down_since is None:
             self.down_since = now
             self._backoff = FIRST_BACKOFF
@@ -116,11 +116,11 @@ class _Breaker:
             )
         else:
             self._backoff = min(MAX_BACKOFF, self._backoff * 2)
-        self._opened, self._until = now, now + self._backoff
+        self._until = now + self._backoff
 
     def succeeded(self, started: float) -> None:
-        if started < self._opened:
-            return
+        if started < self._seen:
+            return  # it says nothing of Redis since the latest failure
         self._failures = 0
         if self.down_since is not None:
             gone = self._clock() - self.down_since

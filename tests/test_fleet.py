@@ -397,14 +397,21 @@ async def test_a_lock_held_when_redis_failed_is_still_released(
     await wait_until(lambda: asyncio.sleep(0, sim.in_flight["reputation_api"] >= 1), 10)
     timeouts = ("mdcloud_proxy_redis_errors_total", (("reason", "timeout"),))
 
+    async def a_timed_out(count: int) -> bool:
+        return (await scrape(client, a.url + "/-/metrics"))[timeouts] >= count
+
     async def a_is_degraded() -> bool:
         metrics = await scrape(client, a.url + "/-/metrics")
         return metrics[timeouts] >= 3 and metrics[("mdcloud_proxy_redis_degraded", ())] == 1
 
     redis_server.pause()
     try:
-        # Three Redis calls time out (their lookups then wait upstream too): A's breaker opens.
-        others = [asyncio.create_task(lookup(client, a.url, ip(i))) for i in (1, 2, 3)]
+        # Three Redis calls time out, one after the other (their lookups then wait upstream
+        # too): A's breaker opens.
+        others = []
+        for i in (1, 2, 3):
+            others.append(asyncio.create_task(lookup(client, a.url, ip(i))))
+            await wait_until(lambda i=i: a_timed_out(i), 10)
         await wait_until(a_is_degraded, 10)
     finally:
         redis_server.resume()
@@ -586,28 +593,41 @@ async def test_check_says_whether_redis_answers(tmp_path, fleet_sim):
 
 
 def test_the_breaker_judges_calls_by_when_they_started():
-    """Three failures in a row open it (one timeout while the machine stalled does not); a
-    call that began before it opened neither closes it (status would say healthy while
-    nothing is asked) nor opens it again (a second warning)."""
+    """Three failures in a row open it, each of a call begun after the one before failed:
+    calls that time out together are one failure. A call that began before the latest
+    failure neither closes it (status would say healthy while nothing is asked) nor opens
+    it again (a second warning)."""
     from proxy.shared import _Breaker
 
     now = [100.0]
     breaker = _Breaker(lambda: now[0])
-    breaker.failed("slow", started=99.8)
-    breaker.succeeded(started=99.8)  # a success in between: not in a row
-    breaker.failed("down", started=99.85)
-    breaker.failed("down", started=99.9)
+
+    def fail(started: float) -> None:
+        breaker.failed("down", started=started)
+
+    fail(99.9)
+    fail(99.95)  # begun before the first was seen: the same trouble
+    breaker.succeeded(started=99.99)  # so does this one: it says nothing of now
+    now[0] = 100.1
+    fail(100.0)
+    now[0] = 100.15
+    breaker.succeeded(started=100.12)  # a success in between: not in a row
+    now[0] = 100.2
+    fail(100.15)
+    now[0] = 100.3
+    fail(100.25)
     assert (breaker.allows(), breaker.down_since) == (True, None)
-    breaker.failed("down", started=99.9)
-    assert (breaker.allows(), breaker.down_since) == (False, 100.0)
-    breaker.succeeded(started=99.95)  # in flight when it opened: says nothing of now
-    breaker.failed("down", started=99.97)
-    assert (breaker.allows(), breaker.down_since) == (False, 100.0)
-    now[0] = 101.0  # the first backoff: one probe may go
+    now[0] = 100.4
+    fail(100.35)  # the third in a row: open
+    assert (breaker.allows(), breaker.down_since) == (False, 100.4)
+    breaker.succeeded(started=100.38)  # in flight when it opened
+    fail(100.39)
+    assert (breaker.allows(), breaker.down_since) == (False, 100.4)
+    now[0] = 101.4  # the first backoff: a probe may go
     assert breaker.allows()
-    breaker.failed("down", started=101.0)  # a failed probe reopens it at once, for longer
-    now[0] = 102.5
+    fail(101.4)  # a failed probe reopens it at once, for longer
+    now[0] = 102.9
     assert not breaker.allows()  # 2 s now
-    now[0] = 103.0
-    breaker.succeeded(started=103.0)
+    now[0] = 103.4
+    breaker.succeeded(started=103.4)
     assert (breaker.allows(), breaker.down_since) == (True, None)
