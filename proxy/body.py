@@ -259,15 +259,15 @@ class ReplayableBody:
 
     async def _read_source(self) -> bytes:
         try:
-            # All that is buffered, in one piece: fewer, larger pieces cost less per byte
-            # than read(READ_SIZE), which mostly joins one socket read to a slice of the
-            # next (-18% CPU per GiB, bench/). The reader bounds it: it stops reading the
-            # socket past twice its read_bufsize (64 KiB), so a piece holds at most that and
-            # one socket read (256 KiB).
+            # One piece as the reader got it (one socket read, up to 256 KiB, or what is
+            # left of an HTTP chunk), never joined to the next: readany() would join all
+            # that is buffered into a new object, a copy of every byte.
             if self._budget.spent:
                 chunk = await self._source.read(SPENT_READ_SIZE)
             else:
-                chunk = await self._source.readany()
+                chunk, chunk_end = await self._source.readchunk()
+                while not chunk and chunk_end:  # the end of an HTTP chunk, not of the body
+                    chunk, chunk_end = await self._source.readchunk()
         except asyncio.CancelledError:
             raise
         except Exception:
