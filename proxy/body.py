@@ -23,13 +23,22 @@ READ_SIZE = 256 * 1024
 SPENT_READ_SIZE = 64 * 1024
 # Bytes of the body that may wait in memory for a worker thread to write them to the file.
 PENDING_LIMIT = 8 * 1024 * 1024
+# Bytes and pieces of the body handed to a worker thread in one job (one pwritev: at most
+# IOV_MAX pieces, 1024 on Linux).
+BATCH_SIZE = 1024 * 1024
+BATCH_PIECES = 64
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
+def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
+    views = [memoryview(b) for b in buffers]
+    while views:
+        written = os.pwritev(fd, views, offset)
+        offset += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
 
 
 def _copy_failed(exc: OSError) -> BodyError:
@@ -72,7 +81,12 @@ class MemoryBudget:
 class _SpillFile:
     """An unlinked temporary file that worker threads write, so that a slow disk never stalls
     the event loop (which meanwhile forwards the body); at most PENDING_LIMIT bytes of one
-    file wait, and none past the shared budget but the latest write."""
+    file wait, and none past the shared budget but the latest write.
+
+    Pieces are handed to a thread in batches of up to BATCH_SIZE bytes, one ``pwritev`` each,
+    no copy: a job per piece would mean one per socket read (each a future, a callback and
+    a thread wake-up on the event loop).
+    """
 
     def __init__(self, budget: MemoryBudget) -> None:
         self._budget = budget
@@ -83,27 +97,49 @@ class _SpillFile:
             raise _copy_failed(exc) from None
         self._fd = self._file.fileno()
         self._pending: deque[tuple[asyncio.Future[None], int]] = deque()
-        self._pending_bytes = 0
+        self._pending_bytes = 0  # in threads' hands or in the batch
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._batch_offset = 0
 
     async def write(self, data: bytes, offset: int) -> None:
         """Queue ``data`` for ``offset``; waits while too much is queued."""
-        write = asyncio.get_running_loop().run_in_executor(
-            None, _pwrite_all, self._fd, data, offset
-        )
+        if self._batch and offset != self._batch_offset + self._batch_bytes:
+            self._flush()
+        if not self._batch:
+            self._batch_offset = offset
         size = len(data)
-        self._budget.used += size  # held until the thread has written it, whoever waits
+        self._batch.append(data)
+        self._batch_bytes += size
+        self._budget.used += size  # held until a thread has written it, whoever waits
+        self._pending_bytes += size
+        if self._batch_bytes >= BATCH_SIZE or len(self._batch) >= BATCH_PIECES:
+            self._flush()
+        while self._pending_bytes > PENDING_LIMIT or self._budget.spent:
+            self._flush()
+            if not self._pending:
+                break
+            await self._oldest_done()
+
+    def _flush(self) -> None:
+        """Hand the batch to a worker thread."""
+        if not self._batch:
+            return
+        batch, size = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
+        write = asyncio.get_running_loop().run_in_executor(
+            None, _pwrite_all, self._fd, batch, self._batch_offset
+        )
 
         def written(_: object) -> None:
             self._budget.used -= size
 
         write.add_done_callback(written)
         self._pending.append((write, size))
-        self._pending_bytes += size
-        while self._pending and (self._pending_bytes > PENDING_LIMIT or self._budget.spent):
-            await self._oldest_done()
 
     async def settle(self) -> None:
         """Wait until everything queued is in the file."""
+        self._flush()
         while self._pending:
             await self._oldest_done()
 
@@ -126,6 +162,9 @@ class _SpillFile:
 
     def close(self) -> None:
         """Close the file once the writes in flight are done; its space is freed then."""
+        self._budget.used -= self._batch_bytes  # never written: nothing needs it now
+        self._pending_bytes -= self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
         pending = [write for write, _ in self._pending]
         self._pending.clear()
         if not pending:
@@ -220,15 +259,15 @@ class ReplayableBody:
 
     async def _read_source(self) -> bytes:
         try:
-            # All that is buffered, in one piece: fewer, larger pieces cost less per byte
-            # than read(READ_SIZE), which mostly joins one socket read to a slice of the
-            # next (-18% CPU per GiB, bench/). The reader bounds it: it stops reading the
-            # socket past twice its read_bufsize (64 KiB), so a piece holds at most that and
-            # one socket read (256 KiB).
+            # One piece as the reader got it (one socket read, up to 256 KiB, or what is
+            # left of an HTTP chunk), never joined to the next: readany() would join all
+            # that is buffered into a new object, a copy of every byte.
             if self._budget.spent:
                 chunk = await self._source.read(SPENT_READ_SIZE)
             else:
-                chunk = await self._source.readany()
+                chunk, chunk_end = await self._source.readchunk()
+                while not chunk and chunk_end:  # the end of an HTTP chunk, not of the body
+                    chunk, chunk_end = await self._source.readchunk()
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import tempfile
+from collections.abc import AsyncIterator
 
 import pytest
 from yarl import URL
@@ -58,6 +59,56 @@ async def test_upload_replayed_byte_identical(sim, make_proxy, client, early, fr
     assert sim.token_requests == 2
     assert open_deleted_files() == baseline, "the spill file must go when the request ends"
     assert set(os.listdir(tempfile.gettempdir())) == tmp_before, "the spill file has no name"
+
+
+async def test_chunked_upload_read_at_chunk_ends_is_whole(sim, make_proxy, client):
+    # While another upload holds the whole memory total, this one is read 64 KiB at a time;
+    # its HTTP chunks are 64 KiB too, so reads end exactly at their ends. Once the other
+    # upload is done, it is read a piece at a time, and the reader reports the end of a
+    # chunk, empty: that end is not the body's, and the upload must arrive whole.
+    proxy = await make_proxy(**{"replay.memory_limit": "64KiB", "replay.memory_total": "64KiB"})
+    await warm_up(client, proxy)
+    release = asyncio.Event()
+
+    async def held() -> AsyncIterator[bytes]:
+        yield bytes(64 * 1024)
+        await release.wait()
+        yield bytes(1024)
+
+    async def memory_used() -> float:
+        async with client.get(proxy.url + "/-/metrics") as resp:
+            text = await resp.text()
+        return next(
+            float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("mdcloud_proxy_body_memory_bytes ")
+        )
+
+    async def post(body: AsyncIterator[bytes]) -> None:
+        async with client.post(proxy.url + "/v4/file", data=body) as resp:
+            assert resp.status == 200, await resp.text()
+
+    other = asyncio.create_task(post(held()))
+    async with asyncio.timeout(10):
+        while await memory_used() < 64 * 1024:
+            await asyncio.sleep(0.01)
+    data, digest = random_payload(8 * MiB)
+    half = len(data) // 2
+
+    async def releasing() -> AsyncIterator[bytes]:
+        async for piece in chunks(data[:half], 64 * 1024):
+            yield piece
+        release.set()  # the other upload ends, and gives its memory back
+        async with asyncio.timeout(10):
+            while await memory_used() >= 64 * 1024:
+                await asyncio.sleep(0.01)
+        async for piece in chunks(data[half:], 64 * 1024):
+            yield piece
+
+    await post(releasing())
+    await other
+    uploads = [r for r in sim.requests if r.raw_path == "/v4/file"]
+    assert (uploads[-1].body_size, uploads[-1].body_sha256) == (len(data), digest)
 
 
 async def test_replay_uses_new_token_and_same_request(sim, proxy, client):
