@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
@@ -33,6 +34,8 @@ def _pwrite_all(fd: int, buffers: list[bytes], offset: int) -> None:
     views = [memoryview(b) for b in buffers]
     while views:
         written = os.pwritev(fd, views, offset)
+        if written == 0:  # a disk that takes nothing would have this thread loop forever
+            raise OSError(errno.EIO, "the spill file took no bytes")
         offset += written
         while views and written >= len(views[0]):
             written -= len(views[0])
@@ -105,7 +108,7 @@ class _SpillFile:
     async def write(self, data: bytes, offset: int) -> None:
         """Queue ``data`` for ``offset``; waits while too much is queued."""
         if self._batch and offset != self._batch_offset + self._batch_bytes:
-            self._flush()
+            self.flush()
         if not self._batch:
             self._batch_offset = offset
         size = len(data)
@@ -114,14 +117,14 @@ class _SpillFile:
         self._budget.used += size  # held until a thread has written it, whoever waits
         self._pending_bytes += size
         if self._batch_bytes >= BATCH_SIZE or len(self._batch) >= BATCH_PIECES:
-            self._flush()
+            self.flush()
         while self._pending_bytes > PENDING_LIMIT or self._budget.spent:
-            self._flush()
+            self.flush()
             if not self._pending:
                 break
             await self._oldest_done()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Hand the batch to a worker thread."""
         if not self._batch:
             return
@@ -139,7 +142,7 @@ class _SpillFile:
 
     async def settle(self) -> None:
         """Wait until everything queued is in the file."""
-        self._flush()
+        self.flush()
         while self._pending:
             await self._oldest_done()
 
@@ -266,7 +269,9 @@ class ReplayableBody:
                 chunk = await self._source.read(SPENT_READ_SIZE)
             else:
                 chunk, chunk_end = await self._source.readchunk()
-                while not chunk and chunk_end:  # the end of an HTTP chunk, not of the body
+                # The end of an HTTP chunk, not of the body (at_eof: aiohttp's empty payload
+                # says chunk_end for ever).
+                while not chunk and chunk_end and not self._source.at_eof():
                     chunk, chunk_end = await self._source.readchunk()
         except asyncio.CancelledError:
             raise
@@ -275,6 +280,8 @@ class ReplayableBody:
             raise self.error from None
         if not chunk:
             self._eof = True
+            if self._file is not None:
+                self._file.flush()  # the last batch: its bytes leave the shared budget
             return chunk
         if self._size + len(chunk) > self._max_size:
             self.error = BodyError(

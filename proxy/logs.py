@@ -73,6 +73,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     # INFO they cost about 2% of a small request's CPU (bench/).
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # 3.12+: the task name
 
 
 _MAX_KEYS = 1000

@@ -34,9 +34,12 @@ class ResumingContext(ssl.SSLContext):
     without this.
     """
 
+    def __new__(cls, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> ResumingContext:
+        # The protocol is taken here, not in __init__: TLS_CLIENT checks certificates and
+        # host names; SSLContext's own default would check nothing.
+        return super().__new__(cls, protocol)
+
     def __init__(self, protocol: int = ssl.PROTOCOL_TLS_CLIENT) -> None:
-        # SSLContext takes the protocol in __new__ (TLS_CLIENT: host names and certificates
-        # checked).
         super().__init__()
         self._latest: dict[str | None, ssl.SSLObject] = {}
         self._sessions: dict[str | None, ssl.SSLSession] = {}
@@ -71,6 +74,12 @@ def client_context(ca_file: str | None) -> ResumingContext:
     """What ``ssl.create_default_context(cafile=ca_file)`` and aiohttp's default give (the
     system's or ``ca_file``'s CAs, host names checked, ALPN http/1.1), resuming sessions."""
     context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    # The same checks as Python's default, whatever the version sets there (3.13 adds
+    # VERIFY_X509_STRICT and VERIFY_X509_PARTIAL_CHAIN).
+    default = ssl.create_default_context()
+    context.options, context.verify_flags = default.options, default.verify_flags
+    context.minimum_version = default.minimum_version
+    context.maximum_version = default.maximum_version
     if ca_file:
         context.load_verify_locations(ca_file)
     else:

@@ -377,3 +377,34 @@ async def test_answer_headers_leave_with_the_first_body_bytes(proxy_before, hand
         first = await reader.read(65536)
     writer.close()
     assert first.startswith(b"HTTP/1.1 200") and first.endswith(b"\r\n\r\n{}")
+
+
+async def test_the_proxy_adds_none_of_aiohttps_automatic_headers(
+    handler_upstream, proxy_before, client
+):
+    """A caller's request without Content-Type, User-Agent, Accept or Accept-Encoding goes
+    upstream without them: the client session adds none of its defaults."""
+    seen: dict[str, str] = {}
+
+    async def record(request: web.Request) -> web.Response:
+        seen.update(request.headers)
+        await request.read()
+        return web.json_response({"data_id": "x"})
+
+    proxy = await proxy_before(await handler_upstream(record))
+    bare = ["Content-Type", "User-Agent", "Accept", "Accept-Encoding"]
+    async with client.post(proxy.url + "/v4/file", data=b"bytes", skip_auto_headers=bare) as resp:
+        assert resp.status == 200
+    assert seen["Content-Length"] == "5"
+    assert not {name.lower() for name in seen} & {name.lower() for name in bare}
+
+
+def test_the_upstream_tls_settings_check_what_pythons_default_checks():
+    ours, default = client_context(None), ssl.create_default_context()
+    assert (ours.verify_mode, ours.check_hostname) == (ssl.CERT_REQUIRED, True)
+    assert ours.verify_flags == default.verify_flags
+    assert ours.options == default.options
+    assert (ours.minimum_version, ours.maximum_version) == (
+        default.minimum_version,
+        default.maximum_version,
+    )

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from yarl import URL
 
 from .conftest import (
@@ -19,6 +20,7 @@ from .conftest import (
     eventually,
     open_deleted_files,
     random_payload,
+    scrape,
     spawn,
     wait_for_line,
 )
@@ -109,6 +111,32 @@ async def test_chunked_upload_read_at_chunk_ends_is_whole(sim, make_proxy, clien
     await other
     uploads = [r for r in sim.requests if r.raw_path == "/v4/file"]
     assert (uploads[-1].body_size, uploads[-1].body_sha256) == (len(data), digest)
+
+
+async def test_a_read_upload_holds_only_its_copy(handler_upstream, proxy_before, client):
+    """Once the caller's body is read, the tail of its spill copy goes to the file: while the
+    upstream takes its time to answer, only the in-memory part of the copy is held."""
+    arrived, answer = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        while await request.content.read(1 << 16):  # all of it (request.read() stops at 1 MiB)
+            pass
+        arrived.set()
+        await answer.wait()
+        return web.json_response({"data_id": "x"})
+
+    proxy = await proxy_before(await handler_upstream(slow), **{"replay.memory_limit": "64KiB"})
+    data = os.urandom(3 * MiB + 100)
+    upload = asyncio.create_task(client.post(proxy.url + "/v4/file", data=io.BytesIO(data)))
+    try:
+        async with asyncio.timeout(10):
+            await arrived.wait()
+        metrics = await scrape(client, proxy.url + "/-/metrics")
+    finally:
+        answer.set()
+    async with await upload as resp:
+        assert resp.status == 200
+    assert metrics[("mdcloud_proxy_body_memory_bytes", ())] <= 64 * 1024
 
 
 async def test_replay_uses_new_token_and_same_request(sim, proxy, client):
