@@ -160,7 +160,11 @@ class LookupCache:
         self._forwarder = forwarder
         self._metrics = metrics
         self._identity = identity
-        self._api_key = api_key
+        self._api_key_digest = None if api_key is None else _digest(api_key)
+        self._counted = {  # prometheus-client's labels() takes a lock: once, not per request
+            status: metrics.cache_requests.labels(status.lower())
+            for status in ("HIT", "MISS", "BYPASS", "STALE")
+        }
         self._ttl, self._miss_ttl, self._stale_ttl = ttl, miss_ttl, stale_ttl
         self._max_entry_size = max_entry_size
         self._uploads = uploads
@@ -267,30 +271,19 @@ class LookupCache:
 
     def key(self, request: web.BaseRequest, body_digest: str) -> bytes:
         """The digest two requests share exactly when MetaDefender gives them one answer."""
-        upstream_key = (
-            self._api_key if self._api_key is not None else request.headers.get("apikey", "")
-        )
+        upstream_key = self._api_key_digest or _digest(request.headers.get("apikey", ""))
         path, _, query = request.raw_path.partition("?")
         if path.startswith("/v4/hash/"):
             path = path.lower()  # hex digests, in any case
-        key = hashlib.sha256()
-        for part in (
-            self._identity,
-            hashlib.sha256(upstream_key.encode()).hexdigest(),
-            request.method,
-            path,
-            query,
-            body_digest,
-        ):
-            key.update(part.encode("utf-8", "surrogateescape") + b"\0")
         headers = sorted(
             (name.lower(), value)
             for name, value in request.headers.items()
             if name.lower() not in IGNORED_HEADERS
         )
-        for name, value in headers:
-            key.update(f"{name}:{value}".encode("utf-8", "surrogateescape") + b"\0")
-        return key.digest()
+        # Each part and each header ends in a NUL: no two lists of them read alike.
+        text = "\0".join((self._identity, upstream_key, request.method, path, query, body_digest))
+        text += "\0" + "".join(f"{name}:{value}\0" for name, value in headers)
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
 
     async def _answer(
         self,
@@ -458,7 +451,7 @@ class LookupCache:
 
     def _count(self, request: web.BaseRequest, status: str) -> None:
         request[CACHE] = status
-        self._metrics.cache_requests.labels(status.lower()).inc()
+        self._counted[status].inc()
 
     def _serve(
         self, request: web.BaseRequest, answer: Answer, status: str, age: float | None
@@ -508,6 +501,10 @@ class LookupCache:
         until = now + self._upload_ttl
         entry = self._uploaded[key] = _Entry(answer, now, until, until)
         return entry
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _private(answer: Answer) -> bool:
