@@ -11,9 +11,9 @@ says how it was served in ``X-Cache-Status``: MISS, HIT, BYPASS or STALE.
 
 With a ``SharedStore`` (``cache.redis_url``), the answers and uploads are kept in Redis as well,
 and a flight goes upstream in one replica of the fleet only: requests coalesce in process
-first, then the flight asks Redis (one round trip; two more on a miss: the lock, and storing
-the answer with giving the lock up, after the callers have it), and only then the upstream,
-while other replicas wait for its answer (proxy/shared.py).
+first, then the flight asks Redis (one round trip; on a miss one more for the lock before
+the upstream, and two in the background after the callers have the answer: storing it, then
+giving the lock up), while other replicas wait for its answer (proxy/shared.py).
 
 The key is written down in ``LookupCache.key``: the upstream identity (digests of the OAuth
 client id and the apikey that goes upstream), method, raw path (a hash folded to lower case),
@@ -387,7 +387,10 @@ class LookupCache:
             return (None if refresh or not self._fresh(found) else self._found(space, found)), token
         if claim is Claim.FOLLOW and (refresh or not self._fresh(found)):
             # Another replica asks the upstream; its answer is newer than this request.
-            found = self._adopt(space, key, await shared.follow(space, key, limit))
+            followed = await shared.follow(space, key, limit)
+            if refresh and followed == value:
+                return None, None  # it kept no new answer: this one asks the upstream itself
+            found = self._adopt(space, key, followed)
         return (self._found(space, found) if self._fresh(found) else None), None
 
     def _adopt(self, space: str, key: bytes, value: bytes | None) -> _Entry | None:

@@ -4,8 +4,9 @@ With ``cache.redis_url``, replicas share lookup answers, flight locks (one repli
 upstream, the others wait for its answer), remembered uploads, throttle windows and the latest
 quota figures. Redis only saves quota, so it never becomes the outage: each call is bounded by
 ``cache.redis_timeout``; an error or a timeout counts as "not shared" and the request goes on;
-after one, a circuit breaker stops asking for 1 s, doubling up to 30 s, and the fleet sync
-(every half second) probes on its own. One warning per outage, one line when Redis is back.
+after three failures in a row, a circuit breaker stops asking for 1 s, doubling up to 30 s,
+and the fleet sync (every half second) probes on its own. One warning per outage, one line
+when Redis is back.
 
 Keys are ``cache.redis_prefix``, a format version and digests. Values are sealed with an HMAC
 keyed by the client secret and bound to their key, so a value this fleet did not write, or one
@@ -172,6 +173,7 @@ class SharedStore:
         self._clock, self._wall = clock, wall
         self._breaker = _Breaker(clock)
         self._refused = Throttled(log, logging.WARNING)
+        self._surprise = Throttled(log, logging.ERROR)
         self._tasks: set[asyncio.Task[None]] = set()
         metrics.redis_degraded.set_function(lambda: float(self.degraded))
 
@@ -208,7 +210,10 @@ class SharedStore:
             return False
 
     async def close(self) -> None:
-        """Close the connections (at shutdown)."""
+        """Close the connections (at shutdown), after the answers being stored and the locks
+        being given up (other replicas wait for them), for a moment at most."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=max(1.0, 4 * self._timeout))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -385,33 +390,37 @@ class SharedStore:
 
     async def _ask(self, call: Callable[[Redis], Awaitable[T]], *, probe: bool = False) -> T | None:
         """``call``'s result, or None when Redis did not answer in time or failed; ``probe``:
-        asked even while the breaker is open."""
+        asked even while the breaker is open. Waiting for one of the pool's connections and
+        the call share ``cache.redis_timeout``; a call left less than half of it that times
+        out says nothing of Redis (``busy``)."""
         if not (probe or self._breaker.allows()):
             return None
-        started = self._clock()
-        calling = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        started = None
         try:
-            async with asyncio.timeout(self._timeout):
-                async with self._free:
-                    calling = True
-                    result = await call(self._redis)
+            async with asyncio.timeout_at(deadline), self._free:
+                started = self._clock()
+                result = await call(self._redis)
         except ResponseError as exc:
             # Redis answered, but no: full (maxmemory), a key of another type, no permission.
             self._metrics.redis_errors.labels("refused").inc()
             self._refused("refused", "Redis refused a command: %s", first_words(exc))
             return None
         except (RedisError, OSError, TimeoutError) as exc:
-            if not calling:
+            timed_out = isinstance(exc, TimeoutError | RedisTimeout)
+            if started is None or (timed_out and deadline - started < self._timeout / 2):
                 self._metrics.redis_errors.labels("busy").inc()
-                return None  # every connection was busy: this call skips Redis
-            reason = "timeout" if isinstance(exc, TimeoutError | RedisTimeout) else "unreachable"
+                return None  # the pool's connections were busy: this call skips Redis
+            reason = "timeout" if timed_out else "unreachable"
             self._metrics.redis_errors.labels(reason).inc()
-            why = f"no answer within {self._timeout * 1000:.0f} ms" if reason == "timeout" else ""
+            why = f"no answer within {self._timeout * 1000:.0f} ms" if timed_out else ""
             self._breaker.failed(why or f"{self.address}: {first_words(exc)}", started)
             return None
-        except Exception as exc:  # a redis-py surprise must cost sharing, never the request
+        except Exception as exc:  # a redis-py surprise, or ours: it costs sharing, not the request
             self._metrics.redis_errors.labels("unreachable").inc()
-            self._breaker.failed(f"{self.address}: {type(exc).__name__}", started)
+            self._surprise("surprise", "a Redis call failed unexpectedly", exc_info=exc)
+            self._breaker.failed(f"{self.address}: {type(exc).__name__}", started or 0.0)
             return None
         self._breaker.succeeded(started)
         return result

@@ -631,3 +631,28 @@ def test_the_breaker_judges_calls_by_when_they_started():
     now[0] = 103.4
     breaker.succeeded(started=103.4)
     assert (breaker.allows(), breaker.down_since) == (True, None)
+
+
+async def test_at_shutdown_the_answer_is_stored_and_the_lock_given_up(redis_server):
+    """Stopping a replica (a rolling deploy) while its last answer is being published: the
+    others must find the answer, not wait out a lock nobody holds."""
+    from proxy.observe import Metrics
+    from proxy.shared import Claim, SharedStore
+
+    store = SharedStore(
+        redis_server.url,
+        prefix="t:",
+        account="a",
+        seal_key=b"k" * 32,
+        timeout=1.0,
+        lock_timeout=10.0,
+        metrics=Metrics(),
+    )
+    digest = bytes(32)
+    claim, token, _ = await store.claim("answer", digest, 1024)
+    assert claim is Claim.LEAD
+    store.publish("answer", digest, b"the answer", 60.0, token)
+    await store.close()
+    async with redis_server.client() as r:
+        assert await r.exists(f"t:v1:lock:{digest.hex()}") == 0
+        assert (await r.get(f"t:v1:answer:{digest.hex()}") or b"").endswith(b"the answer")
