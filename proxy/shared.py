@@ -364,11 +364,11 @@ class SharedStore:
             quota.unsent(mine)  # told of at the next sync that gets through
             return
         (_, seen_limits), (_, seen_windows) = result
-        for name, value in list(_fields(seen_limits))[:LIMIT_TYPES]:
+        for name, value in _fields(seen_limits)[:LIMIT_TYPES]:
             figures = self._decoded(f"{limits}\0{name}", value)
             if figures is not None:
                 quota.merge_limit(name, figures, self.from_wall)
-        for field, value in list(_fields(seen_windows))[:KINDS]:
+        for field, value in _fields(seen_windows)[:KINDS]:
             window = self._decoded(f"{windows}\0{field}", value)
             if window is not None:
                 quota.merge_window(window, self.from_wall)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import re
 import socket
@@ -214,9 +215,15 @@ async def raw_exchange(port: int, request: bytes) -> RawResponse:
 
 
 async def eventually(condition: Callable[[], object], within: float = 5.0) -> None:
-    """Wait until ``condition()`` holds; fail after ``within`` seconds."""
+    """Wait until ``condition()`` holds (awaited, if it is a coroutine: a question to a
+    server); fail after ``within`` seconds."""
     async with asyncio.timeout(within):
-        while not condition():
+        while True:
+            held = condition()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return
             await asyncio.sleep(0.01)
 
 

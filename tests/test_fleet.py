@@ -28,6 +28,7 @@ from .conftest import (
     CLIENT_SECRET,
     ProxyProcess,
     account_env,
+    eventually,
     free_port,
     scrape,
     spawn,
@@ -179,12 +180,6 @@ async def lookup(client: aiohttp.ClientSession, base: str, value: str) -> tuple[
         return resp.status, resp.headers.get("X-Cache-Status", ""), time.monotonic() - began
 
 
-async def wait_until(condition: Callable[[], Awaitable[bool]], within: float) -> None:
-    async with asyncio.timeout(within):
-        while not await condition():
-            await asyncio.sleep(0.05)
-
-
 # -- sharing ---------------------------------------------------------------------------------
 
 
@@ -219,7 +214,7 @@ async def test_a_cold_burst_over_two_replicas_goes_upstream_once(
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as many:
         burst = [asyncio.create_task(lookup(many, (a, b)[i % 2].url, IP)) for i in range(200)]
-        await wait_until(lambda: asyncio.sleep(0, sim.in_flight["reputation_api"] >= 1), 10)
+        await eventually(lambda: sim.in_flight["reputation_api"] >= 1, 10)
         await asyncio.sleep(0.5)  # the rest arrive and wait: for the flight, or the fleet's lock
         sim.gate.set()
         results = await asyncio.gather(*burst)
@@ -239,7 +234,7 @@ async def test_an_expired_answer_is_refreshed_once_for_the_fleet(
     await asyncio.sleep(1.2)
     sim.gate = asyncio.Event()
     first = asyncio.create_task(lookup(client, a.url, IP))
-    await wait_until(lambda: asyncio.sleep(0, sim.in_flight["reputation_api"] >= 1), 10)
+    await eventually(lambda: sim.in_flight["reputation_api"] >= 1, 10)
     second = asyncio.create_task(lookup(client, b.url, IP))
     await asyncio.sleep(0.5)
     sim.gate.set()
@@ -256,7 +251,7 @@ async def test_a_throttle_seen_by_one_replica_holds_the_others(
     a, b = await replicas(2, **shared(redis_server))
     assert (await lookup(client, a.url, ip(1)))[0] == 200  # opens the window
     waiting = asyncio.create_task(lookup(client, a.url, ip(2)))  # throttled, waits it out
-    await wait_until(lambda: asyncio.sleep(0, sim.throttled[429001] == 1), 5)
+    await eventually(lambda: sim.throttled[429001] == 1, 5)
     await asyncio.sleep(1.0)  # the fleet's sync (every 0.5 s) tells B
     held = asyncio.create_task(lookup(client, b.url, ip(3)))
     await asyncio.sleep(1.0)  # the window is still closed for about 2 s
@@ -290,7 +285,7 @@ async def test_quota_figures_are_the_fleets(redis_server, replicas, fleet_sim, c
         left = limits.get("reputation_api", {}).get("remaining")
         return bool(left == sim.limits["reputation_api"] - 3)
 
-    await wait_until(b_knows, 5)
+    await eventually(b_knows, 5)
 
 
 # -- Redis in trouble ----------------------------------------------------------------------
@@ -311,8 +306,8 @@ async def test_redis_down_at_start_and_back_later(tmp_path, replicas, fleet_sim,
     await server.start()
     try:
         # The fleet sync probes on its own (after 1 s, 2 s, 4 s, ...: within 30 s).
-        await wait_until(lambda: _healthy(a, client), 35)
-        await wait_until(lambda: _healthy(b, client), 35)
+        await eventually(lambda: _healthy(a, client), 35)
+        await eventually(lambda: _healthy(b, client), 35)
         assert (await lookup(client, a.url, ip(200)))[:2] == (200, "MISS")
         assert (await lookup(client, b.url, ip(200)))[:2] == (200, "HIT")
         assert "Redis answers again" in a.log
@@ -345,8 +340,8 @@ async def test_redis_killed_mid_load_loses_no_request(redis_server, replicas, fl
     await redis_server.stop()
     assert await load(600, 100) > 100  # alone: each address once per replica, about
     await redis_server.start()
-    await wait_until(lambda: _healthy(a, client), 35)
-    await wait_until(lambda: _healthy(b, client), 35)
+    await eventually(lambda: _healthy(a, client), 35)
+    await eventually(lambda: _healthy(b, client), 35)
     assert await load(700, 200) == 100  # shared again (Redis came back empty)
     assert len(results) == 2000
     assert [status for status, _, _ in results] == [200] * 2000
@@ -394,7 +389,7 @@ async def test_a_lock_held_when_redis_failed_is_still_released(
         ),
     )
     leading = asyncio.create_task(lookup(client, a.url, IP))
-    await wait_until(lambda: asyncio.sleep(0, sim.in_flight["reputation_api"] >= 1), 10)
+    await eventually(lambda: sim.in_flight["reputation_api"] >= 1, 10)
     timeouts = ("mdcloud_proxy_redis_errors_total", (("reason", "timeout"),))
 
     async def a_timed_out(count: int) -> bool:
@@ -411,8 +406,8 @@ async def test_a_lock_held_when_redis_failed_is_still_released(
         others = []
         for i in (1, 2, 3):
             others.append(asyncio.create_task(lookup(client, a.url, ip(i))))
-            await wait_until(lambda i=i: a_timed_out(i), 10)
-        await wait_until(a_is_degraded, 10)
+            await eventually(lambda i=i: a_timed_out(i), 10)
+        await eventually(a_is_degraded, 10)
     finally:
         redis_server.resume()
         sim.gate.set()
