@@ -215,7 +215,15 @@ async def test_a_cold_burst_over_two_replicas_goes_upstream_once(
     async with aiohttp.ClientSession(connector=connector) as many:
         burst = [asyncio.create_task(lookup(many, (a, b)[i % 2].url, IP)) for i in range(200)]
         await eventually(lambda: sim.in_flight["reputation_api"] >= 1, 10)
-        await asyncio.sleep(0.5)  # the rest arrive and wait: for the flight, or the fleet's lock
+
+        async def all_waiting() -> bool:  # for the flight, or the fleet's lock
+            waiting = 0
+            for replica in (a, b):
+                metrics = await scrape(client, replica.url + "/-/metrics")
+                waiting += int(metrics[("mdcloud_proxy_requests_in_flight", ())])
+            return waiting == 200
+
+        await eventually(all_waiting, 10)
         sim.gate.set()
         results = await asyncio.gather(*burst)
     assert [status for status, _, _ in results] == [200] * 200
@@ -252,9 +260,14 @@ async def test_a_throttle_seen_by_one_replica_holds_the_others(
     assert (await lookup(client, a.url, ip(1)))[0] == 200  # opens the window
     waiting = asyncio.create_task(lookup(client, a.url, ip(2)))  # throttled, waits it out
     await eventually(lambda: sim.throttled[429001] == 1, 5)
-    await asyncio.sleep(1.0)  # the fleet's sync (every 0.5 s) tells B
+
+    async def b_knows() -> bool:  # A tells Redis; B reads it at its sync (every 0.5 s)
+        limit = (await b.status(client))["limits"].get("reputation_api", {})
+        return bool(limit.get("throttle_reopens_in_s"))
+
+    await eventually(b_knows, 3)
     held = asyncio.create_task(lookup(client, b.url, ip(3)))
-    await asyncio.sleep(1.0)  # the window is still closed for about 2 s
+    await eventually(lambda: "throttle is closed" in b.log, 3)  # B waits, and says so
     # B knows of the window: it waits instead of asking the upstream for a certain 429.
     assert sim.throttled[429001] == 1
     assert not held.done()
@@ -319,6 +332,17 @@ async def _healthy(replica: Replica, client: aiohttp.ClientSession) -> bool:
     return not (await replica.status(client))["cache"]["degraded"]
 
 
+def _answer_keys(dump: dict[bytes, Any]) -> set[bytes]:
+    return {k for k in dump if b":answer:" in k}
+
+
+async def _published(server: RedisServer, answers: int) -> bool:
+    """Whether Redis holds ``answers`` answers and no flight lock: what the replicas publish
+    in the background once their callers have the answer (the answer, then the lock)."""
+    dump = await server.dump()
+    return len(_answer_keys(dump)) == answers and not any(b":lock:" in k for k in dump)
+
+
 async def test_redis_killed_mid_load_loses_no_request(redis_server, replicas, fleet_sim, client):
     sim, _ = fleet_sim
     a, b = await replicas(2, **shared(redis_server))
@@ -359,6 +383,9 @@ async def test_a_stalled_redis_adds_at_most_redis_timeout(redis_server, replicas
     redis_server.pause()
     try:
         took = [await lookup(client, a.url, ip(i)) for i in range(40, 60)]
+        # Read while Redis is still stalled: once it answers, the next sync closes the
+        # breaker again.
+        metrics = await scrape(client, a.url + "/-/metrics")
     finally:
         redis_server.resume()
     assert [status for status, _, _ in took] == [200] * 20
@@ -367,7 +394,6 @@ async def test_a_stalled_redis_adds_at_most_redis_timeout(redis_server, replicas
     # The margin is for a busy machine: scheduling, not Redis.
     assert 0.2 <= max(t for _, _, t in took) < typical + 0.2 + 0.1
     assert sorted(t for _, _, t in took)[10] < typical + 0.05
-    metrics = await scrape(client, a.url + "/-/metrics")
     assert metrics[("mdcloud_proxy_redis_errors_total", (("reason", "timeout"),))] >= 1
     assert metrics[("mdcloud_proxy_redis_degraded", ())] == 1
 
@@ -438,6 +464,9 @@ async def test_flushed_and_full_redis_cost_nothing_but_sharing(
     sim, _ = fleet_sim
     a, b = await replicas(2, **shared(redis_server))
     assert (await lookup(client, a.url, IP))[:2] == (200, "MISS")
+    # A stores its answer and gives up the lock after its caller has the answer: flushed
+    # before that, the answer would arrive in Redis after the flush.
+    await eventually(lambda: _published(redis_server, 1))
     async with redis_server.client() as r:
         await r.flushall()
         assert (await lookup(client, b.url, IP))[:2] == (200, "MISS")  # gone from the fleet
@@ -462,19 +491,28 @@ async def test_a_value_the_fleet_did_not_write_is_ignored_and_overwritten(
     (a,) = await replicas(1, **shared(redis_server))
     keys = {}
     for i in range(5):  # which key holds which answer: the one each lookup added
-        before = {k for k in await redis_server.dump() if b":answer:" in k}
+        before = _answer_keys(await redis_server.dump())
         assert (await lookup(client, a.url, ip(i)))[:2] == (200, "MISS")
-        (keys[i],) = {k for k in await redis_server.dump() if b":answer:" in k} - before
+        await eventually(lambda i=i: _published(redis_server, i + 1))  # after the answer
+        (keys[i],) = _answer_keys(await redis_server.dump()) - before
     async with redis_server.client() as r:
-        await r.set(keys[0], b"garbage")
-        await r.set(keys[1], b"1" + b"\0" * 40)  # our format's version, a wrong seal
-        await r.set(keys[2], await r.get(keys[4]))  # a real answer, under another key
+        planted = [b"garbage", b"1" + b"\0" * 40, await r.get(keys[4])]
+        await r.set(keys[0], planted[0])
+        await r.set(keys[1], planted[1])  # our format's version, a wrong seal
+        await r.set(keys[2], planted[2])  # a real answer, under another key
         await r.delete(keys[3])
         await r.rpush(keys[3], "a list, not a string")
         (b,) = await replicas(1, **shared(redis_server))
         for i in range(4):  # lookup() checks that each answer is the address's own
             assert (await lookup(client, b.url, ip(i)))[:2] == (200, "MISS")
         assert sim.lookups == 5 + 4
+
+        async def b_overwrote_them() -> bool:  # in the background, after its callers
+            values = [await r.get(keys[i]) for i in range(3)]
+            fresh = all(value not in (planted[i], None) for i, value in enumerate(values))
+            return fresh and await r.type(keys[3]) == b"string"
+
+        await eventually(b_overwrote_them)
         assert [await r.type(keys[i]) for i in range(4)] == [b"string"] * 4
     (c,) = await replicas(1, **shared(redis_server))
     for i in range(5):
@@ -505,9 +543,15 @@ async def test_no_secret_in_any_key_value_log_or_status(tmp_path, replicas, flee
         state = await a.status(client)
         async with client.get(a.url + "/-/metrics") as resp:
             metrics = await resp.text()
-        dump = await server.dump()
-        await asyncio.sleep(0.6)  # one more fleet sync, with the figures
-        dump.update(await server.dump())
+        dump: dict[bytes, Any] = {}
+
+        async def all_stored() -> bool:  # the upload's answer, then its figures at a sync
+            dump.update(await server.dump())
+            limits = [v for k, v in dump.items() if k.startswith(b"mdcloud-proxy:v1:limits:")]
+            uploads = any(b":upload:" in k for k in dump)
+            return uploads and any(b"prevention_api" in fields for fields in limits)
+
+        await eventually(all_stored)
     finally:
         await server.stop()
     assert any(b":answer:" in k for k in dump)
@@ -554,8 +598,15 @@ async def test_the_page_says_the_cache_is_degraded(tmp_path, replicas, client):
     server = RedisServer(tmp_path)
     (a,) = await replicas(1, **shared(server))
     assert (await lookup(client, a.url, IP))[0] == 200
-    async with client.get(a.url + "/-/") as resp:
-        page = await resp.text()
+    page = ""
+
+    async def degraded() -> bool:  # the failure that opens the breaker may be the answer's
+        nonlocal page  # store, in the background after the lookup
+        async with client.get(a.url + "/-/") as resp:
+            page = await resp.text()
+        return "cache degraded" in page
+
+    await eventually(degraded)
     assert "cache degraded: Redis (redis://127.0.0.1:" in page
     assert "this replica works alone" in page
 
