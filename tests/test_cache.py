@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy import serve
 
-from .conftest import API_KEY, api_requests, scrape
+from .conftest import API_KEY, api_requests, eventually, scrape
 
 HASH = "6a5c19d9ffed3a6f9d0fbf94e0cce6ac5d2a6c9d8d4d0b2f9c1e7b2a0f5e4d3c"
 MiB = 1024 * 1024
@@ -25,6 +25,7 @@ class Lookups:
         self.seen: Counter[str] = Counter()
         self.mode = "ok"
         self.delay = 0.0
+        self.gate: asyncio.Event | None = None  # while unset, answers wait for it
         self.size = 0
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
@@ -32,6 +33,8 @@ class Lookups:
         self.seen[request.raw_path] += 1
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.mode == "quota":
             error = {"code": 429000, "messages": ["API key limit exceeded"]}
             return web.json_response({"error": error}, status=429)
@@ -101,9 +104,21 @@ async def test_repeats_within_the_ttl_cost_nothing_and_one_after_it(guarded, cli
 
 async def test_identical_lookups_in_flight_cause_one_upstream_request(guarded, client):
     proxy, upstream = await guarded()
-    upstream.delay = 0.3
+    upstream.gate = asyncio.Event()
     url = f"{proxy.url}/v4/ip/203.0.113.7"
-    answers = await asyncio.gather(*(get(client, url) for _ in range(100)))
+    asking = asyncio.gather(*(get(client, url) for _ in range(100)))
+
+    async def all_in_flight() -> bool:  # the upstream answers once all 100 wait for it
+        samples = await scrape(watching, proxy.url + "/-/metrics")
+        return samples[("mdcloud_proxy_requests_in_flight", ())] == 100
+
+    # Another session: the 100 requests hold all of the client's connections.
+    async with aiohttp.ClientSession() as watching:
+        try:
+            await eventually(all_in_flight, 10)
+        finally:
+            upstream.gate.set()
+    answers = await asyncio.wait_for(asking, 10)
     assert upstream.total == 1
     assert len({body for _, _, body in answers}) == 1
     assert Counter(h["X-Cache-Status"] for _, h, _ in answers) == {"MISS": 1, "HIT": 99}
