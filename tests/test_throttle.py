@@ -18,6 +18,7 @@ from .conftest import (
     TOKEN_PATH,
     api_requests,
     chunks,
+    eventually,
     proxy_config,
     random_payload,
     scrape,
@@ -107,8 +108,7 @@ async def test_requests_behind_a_closed_window_wait_instead_of_walking_into_429s
     url = await throttled(throttle)
     assert await _status(client, url + "/v4/hash/00") == 200
     first = asyncio.create_task(_status(client, url + "/v4/hash/01"))
-    while throttle.throttled == 0:  # the first 429 of the window: now the proxy knows
-        await asyncio.sleep(0.01)
+    await eventually(lambda: throttle.throttled)  # the first 429 of the window: now it knows
     throttle.allowed = 100  # the next window has room for all of them
     statuses = await asyncio.gather(
         first, *(_status(client, f"{url}/v4/hash/{i:02x}0") for i in range(50))
