@@ -25,7 +25,17 @@ from .config import Config
 from .errors import error_response
 from .forward import Forwarder
 from .inbound import InboundGuard
-from .listener import ENTRY, LISTEN_LIMITS, Entry, Limits, Runner, default_max_connections
+from .listener import (
+    ENTRY,
+    LISTEN_LIMITS,
+    Entry,
+    Limits,
+    Runner,
+    default_max_connections,
+    stop_keeping_alive,
+    under_way,
+    wait_answered,
+)
 from .logs import HTTP_LOG
 from .observe import Metrics, Traffic, readiness
 from .pipeline import Pipeline
@@ -382,15 +392,17 @@ async def drain(runner: web.AppRunner, grace: float) -> None:
     would stall an upload in flight; so the listening sockets are closed first and the
     remaining requests are awaited before aiohttp's shutdown runs.
     """
-    traffic = runner.app[TRAFFIC]
-    traffic.draining = True
+    runner.app[TRAFFIC].draining = True
     for site in list(runner.sites):
         await site.stop()
-    if traffic.in_flight:
-        log.info("stopping: waiting up to %.0f s for %d request(s)", grace, traffic.in_flight)
+    stop_keeping_alive(runner)
+    # Counted by the connections, not by the handlers: aiohttp starts a handler a moment
+    # after it parsed the request, and a request parsed just before the signal still counts.
+    if waiting := under_way(runner):
+        log.info("stopping: waiting up to %.0f s for %d request(s)", grace, waiting)
     try:
         async with asyncio.timeout(grace):
-            await traffic.wait_idle()
+            await wait_answered(runner)
     except TimeoutError:
-        log.warning("stopping: cutting off %d request(s) still in flight", traffic.in_flight)
+        log.warning("stopping: cutting off %d request(s) still in flight", under_way(runner))
     await runner.cleanup()

@@ -123,6 +123,36 @@ def max_connections(runner: web.BaseRunner) -> int:
     return server.max_connections if isinstance(server, _Server) else 0
 
 
+def under_way(runner: web.BaseRunner) -> int:
+    """Connections of ``runner`` with a request under way: its head awaited or arriving, or
+    parsed and not yet answered (a handler aiohttp has not started yet included)."""
+    server = runner.server
+    if not isinstance(server, _Server):
+        return 0
+    return sum(isinstance(c, _Connection) and c.under_way for c in server.connections)
+
+
+async def wait_answered(runner: web.BaseRunner) -> None:
+    """Wait until no connection of ``runner`` has a request under way (after
+    ``stop_keeping_alive``: no new ones come then)."""
+    server = runner.server
+    if not isinstance(server, _Server):
+        return
+    while under_way(runner):
+        server.settled.clear()
+        await server.settled.wait()
+
+
+def stop_keeping_alive(runner: web.BaseRunner) -> None:
+    """Before stopping: idle connections close now, the others once their answer is out."""
+    server = runner.server
+    if isinstance(server, _Server):
+        server.draining = True
+        for connection in list(server.connections):
+            if isinstance(connection, _Connection) and not connection.under_way:
+                connection.force_close()  # close() would leave an idle transport open
+
+
 def default_max_connections(reserved: int = 0) -> int:
     """Half the open-file limit in force, after ``reserved`` descriptors are set aside."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -178,10 +208,18 @@ class _Connection(RequestHandler):
             return
         self._admitted = False
         self._server.open -= 1
+        if self._server.draining:
+            self._server.settled.set()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         super().connection_lost(exc)
+
+    @property
+    def under_way(self) -> bool:
+        """Whether a request head is awaited (a new connection) or arriving, or a request
+        was parsed and is not answered yet."""
+        return self._admitted and (self._head_since is not None or self._answered < self._parsed)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -241,6 +279,10 @@ class _Connection(RequestHandler):
         upgrade = request.method == "CONNECT" or "Upgrade" in request.headers
         if not resp.prepared:  # the proxy's own answer; a forwarded one is under way already
             resp.headers.setdefault(SERVER, SERVER_NAME)
+        if self._server.draining:
+            if not resp.prepared:
+                resp.force_close()  # says "Connection: close"
+            self.close()  # once this answer is out
         try:
             answered = await super().finish_response(request, resp, start_time)
             if upgrade:
@@ -253,6 +295,8 @@ class _Connection(RequestHandler):
             if self._answered == self._parsed and self._head_since is None:
                 self._idle_since = now
                 self._arm(now)
+            if self._server.draining:
+                self._server.settled.set()
 
     def handle_error(
         self,
@@ -373,6 +417,8 @@ class _Server(web.Server):
         self.limits = limits
         self.max_connections = limits.max_connections or default_max_connections()
         self.open = 0
+        self.draining = False
+        self.settled = asyncio.Event()  # while draining: a request answered, or a connection gone
         self.warn = Throttled(HTTP_LOG, logging.WARNING)  # one line per condition and 5 s
 
     def __call__(self) -> _Connection:

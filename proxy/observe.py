@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,27 +67,16 @@ def request_target(request: web.BaseRequest) -> str:
 
 @dataclass
 class Traffic:
-    """Requests in flight, and whether the proxy is draining before it stops."""
+    """Requests in flight (the gauge), and whether the proxy is draining before it stops."""
 
     in_flight: int = 0
     draining: bool = False
-    _idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self._idle.set()
 
     def started(self) -> None:
         self.in_flight += 1
-        self._idle.clear()
 
     def finished(self) -> None:
         self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        """Wait until no request is in flight."""
-        await self._idle.wait()
 
 
 class Metrics:

@@ -257,3 +257,61 @@ async def test_drain_cuts_off_after_the_grace_period(upstream, clock, client):
     except aiohttp.ClientError:
         result = "cut off"
     assert result != 200
+
+
+async def test_drain_answers_a_connection_made_before_it(upstream, clock):
+    """A caller connected before the signal gets its answer, even if its request comes only
+    after draining began; the answer closes the connection."""
+    runner = await serve(create_app(proxy_config(upstream), clock=clock), "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    assert runner.server is not None
+    await eventually(lambda: runner.server.connections)  # accepted: not in the listen queue
+    draining = asyncio.create_task(drain(runner, grace=30))
+    await asyncio.sleep(0.2)  # draining has begun
+    assert not draining.done()
+    writer.write(b"GET /v4/hash/ABC HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await draining
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 404 ")
+    assert b"\r\nConnection: close\r\n" in head
+
+
+async def test_drain_closes_idle_connections_at_once(upstream, clock, client):
+    """An idle kept-alive connection is closed when draining begins, not when the last
+    request in flight ends; one in flight is left to finish."""
+    runner = await serve(create_app(proxy_config(upstream), clock=clock), "127.0.0.1", 0)
+    port = runner.addresses[0][1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /v4/hash/ABC HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"Connection: close" not in head
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)  # the answer read whole: the connection is idle
+    stalled = asyncio.Event()
+
+    async def stalling_body():
+        yield b"x" * 1024
+        stalled.set()
+        await asyncio.sleep(60)
+        yield b"never sent"
+
+    async def upload():
+        headers = {"Content-Length": "2034"}
+        async with client.post(
+            f"http://127.0.0.1:{port}/v4/file", data=stalling_body(), headers=headers
+        ) as resp:
+            return resp.status
+
+    uploading = asyncio.create_task(upload())
+    await stalled.wait()
+    await eventually(lambda: runner.app[TRAFFIC].in_flight == 1)
+    draining = asyncio.create_task(drain(runner, grace=3))
+    async with asyncio.timeout(2):
+        assert await reader.read() == b""  # closed by the proxy
+    assert not draining.done()  # still waiting for the upload
+    writer.close()
+    await draining
+    uploading.cancel()
+    await asyncio.gather(uploading, return_exceptions=True)
