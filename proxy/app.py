@@ -395,6 +395,9 @@ async def drain(runner: web.AppRunner, grace: float) -> None:
     runner.app[TRAFFIC].draining = True
     for site in list(runner.sites):
         await site.stop()
+    # One turn of the loop first, as aiohttp's own cleanup does: a request already in an idle
+    # connection's socket is read then, and not mistaken for idleness.
+    await asyncio.sleep(0)
     stop_keeping_alive(runner)
     # Counted by the connections, not by the handlers: aiohttp starts a handler a moment
     # after it parsed the request, and a request parsed just before the signal still counts.

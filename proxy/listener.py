@@ -149,7 +149,11 @@ def stop_keeping_alive(runner: web.BaseRunner) -> None:
     if isinstance(server, _Server):
         server.draining = True
         for connection in list(server.connections):
-            if isinstance(connection, _Connection) and not connection.under_way:
+            if not isinstance(connection, _Connection) or connection.under_way:
+                continue
+            # One still reading an answered request's body is left to aiohttp: closing it
+            # with bytes unread would send a reset, which can lose the answer.
+            if not connection.lingering:
                 connection.force_close()  # close() would leave an idle transport open
 
 
@@ -217,9 +221,28 @@ class _Connection(RequestHandler):
 
     @property
     def under_way(self) -> bool:
-        """Whether a request head is awaited (a new connection) or arriving, or a request
-        was parsed and is not answered yet."""
-        return self._admitted and (self._head_since is not None or self._answered < self._parsed)
+        """Whether a request was parsed and is not answered yet, or a head is arriving, or
+        awaited on a new connection (which header_timeout, if set, bounds)."""
+        transport = self.transport
+        if not self._admitted or transport is None or transport.is_closing():
+            return False  # a closing TLS connection may take 30 s to report that it is lost
+        if self._answered < self._parsed:
+            return True
+        if self._head_since is None:
+            return False
+        return bool(self._partial_head) or self._limits.header_timeout > 0
+
+    @property
+    def lingering(self) -> bool:
+        """Whether the body of a request answered already is still arriving (aiohttp reads
+        it to the end before the connection is used again)."""
+        body = self._body
+        return self._answered == self._parsed and body is not None and not body.is_eof()
+
+    def force_close(self) -> None:
+        super().force_close()
+        if self._server.draining:
+            self._server.settled.set()
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -279,10 +302,8 @@ class _Connection(RequestHandler):
         upgrade = request.method == "CONNECT" or "Upgrade" in request.headers
         if not resp.prepared:  # the proxy's own answer; a forwarded one is under way already
             resp.headers.setdefault(SERVER, SERVER_NAME)
-        if self._server.draining:
-            if not resp.prepared:
-                resp.force_close()  # says "Connection: close"
-            self.close()  # once this answer is out
+        if self._server.draining and not self._messages:  # the last one parsed: close after it
+            resp.force_close()  # and say "Connection: close" if its head is not out yet
         try:
             answered = await super().finish_response(request, resp, start_time)
             if upgrade:

@@ -271,7 +271,6 @@ async def test_a_throttle_seen_by_one_replica_holds_the_others(
     # B knows of the window: it waits instead of asking the upstream for a certain 429.
     assert sim.throttled[429001] == 1
     assert not held.done()
-    assert "throttle is closed" in b.log
     assert (await held)[0] == 200
     assert (await waiting)[0] == 200
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import ssl
 import time
 
 import aiohttp
+import trustme
 
 from proxy import Simulator, create_app, serve
 from proxy.app import TRAFFIC, create_admin_app, drain
@@ -307,11 +310,73 @@ async def test_drain_closes_idle_connections_at_once(upstream, clock, client):
     uploading = asyncio.create_task(upload())
     await stalled.wait()
     await eventually(lambda: runner.app[TRAFFIC].in_flight == 1)
+    started = time.monotonic()
     draining = asyncio.create_task(drain(runner, grace=3))
     async with asyncio.timeout(2):
         assert await reader.read() == b""  # closed by the proxy
-    assert not draining.done()  # still waiting for the upload
     writer.close()
     await draining
+    assert time.monotonic() - started >= 3  # it waited for the upload
     uploading.cancel()
     await asyncio.gather(uploading, return_exceptions=True)
+
+
+GET = b"GET /v4/hash/ABC HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def test_drain_answers_pipelined_requests_parsed_before_it(sim, upstream, clock):
+    runner = await serve(create_app(proxy_config(upstream), clock=clock), "127.0.0.1", 0)
+    sim.gate = asyncio.Event()
+    reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(GET + GET)  # two requests in one write: both parsed at once
+    await eventually(lambda: sum(sim.in_flight.values()) == 1)  # the first is upstream
+    draining = asyncio.create_task(drain(runner, grace=5))
+    await asyncio.sleep(0.1)
+    sim.gate.set()
+    async with asyncio.timeout(8):
+        data = await reader.read()  # to the end: the proxy closes after the last answer
+        await draining
+    writer.close()
+    assert data.count(b"HTTP/1.1 404 ") == 2
+
+
+async def test_drain_answers_a_request_waiting_in_an_idle_connections_socket(upstream, clock):
+    runner = await serve(create_app(proxy_config(upstream), clock=clock), "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(GET)
+    head = await reader.readuntil(b"\r\n\r\n")
+    await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+    writer.write(GET)  # in the proxy's socket, not read yet when draining begins
+    draining = asyncio.create_task(drain(runner, grace=5))
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        await draining
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 404 ")
+
+
+async def test_drain_does_not_wait_for_a_tls_connection_it_closed(upstream, clock):
+    """A silent TLS caller cut off by header_timeout ends the wait then, though its TLS
+    shutdown would take 30 s to report the connection lost."""
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    config = proxy_config(upstream, **{"listen.header_timeout": 0.5})
+    app = create_app(config, clock=clock)
+    runner = await serve(app, "127.0.0.1", 0, ssl_context=server_tls)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+
+    def connect() -> ssl.SSLSocket:  # the handshake, then nothing: a peer gone silent
+        raw = socket.create_connection(("127.0.0.1", runner.addresses[0][1]))
+        return client_tls.wrap_socket(raw, server_hostname="127.0.0.1")
+
+    silent = await asyncio.to_thread(connect)
+    try:
+        assert runner.server is not None
+        await eventually(lambda: runner.server.connections)
+        started = time.monotonic()
+        await drain(runner, grace=10)
+        assert time.monotonic() - started < 5
+    finally:
+        silent.close()
