@@ -149,11 +149,13 @@ def stop_keeping_alive(runner: web.BaseRunner) -> None:
     if isinstance(server, _Server):
         server.draining = True
         for connection in list(server.connections):
-            if not isinstance(connection, _Connection) or connection.under_way:
+            if not isinstance(connection, _Connection):
                 continue
-            # One still reading an answered request's body is left to aiohttp: closing it
-            # with bytes unread would send a reset, which can lose the answer.
-            if not connection.lingering:
+            if connection.lingering:
+                # Still reading the body of an answered request: closing it with bytes
+                # unread would send a reset, which can lose the answer. Closes after it.
+                connection.keep_alive(False)
+            elif not connection.under_way:
                 connection.force_close()  # close() would leave an idle transport open
 
 
@@ -221,12 +223,13 @@ class _Connection(RequestHandler):
 
     @property
     def under_way(self) -> bool:
-        """Whether a request was parsed and is not answered yet, or a head is arriving, or
-        awaited on a new connection (which header_timeout, if set, bounds)."""
+        """Whether a request was parsed and is not answered yet, or the body of an answered
+        one is still arriving, or a head is arriving, or awaited on a new connection (which
+        header_timeout, if set, bounds)."""
         transport = self.transport
         if not self._admitted or transport is None or transport.is_closing():
             return False  # a closing TLS connection may take 30 s to report that it is lost
-        if self._answered < self._parsed:
+        if self._answered < self._parsed or self.lingering:
             return True
         if self._head_since is None:
             return False
@@ -244,8 +247,17 @@ class _Connection(RequestHandler):
         if self._server.draining:
             self._server.settled.set()
 
+    async def start(self) -> None:
+        try:
+            await super().start()
+        finally:
+            # aiohttp closes the transport at the end; a TLS one reports its loss only once
+            # the peer has answered the close, up to 30 s later.
+            if self._server.draining:
+                self._server.settled.set()
+
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self._closing and data:  # its resuming still parses what was held back
             return
         if not data:  # aiohttp resuming its parser (resume_reading): nothing arrived
             super().data_received(data)
@@ -302,8 +314,8 @@ class _Connection(RequestHandler):
         upgrade = request.method == "CONNECT" or "Upgrade" in request.headers
         if not resp.prepared:  # the proxy's own answer; a forwarded one is under way already
             resp.headers.setdefault(SERVER, SERVER_NAME)
-        if self._server.draining and not self._messages:  # the last one parsed: close after it
-            resp.force_close()  # and say "Connection: close" if its head is not out yet
+        if self._server.draining and not resp.prepared and not self._messages:
+            resp.force_close()  # its head says "Connection: close"
         try:
             answered = await super().finish_response(request, resp, start_time)
             if upgrade:
@@ -317,6 +329,8 @@ class _Connection(RequestHandler):
                 self._idle_since = now
                 self._arm(now)
             if self._server.draining:
+                if not self._messages:  # the last request parsed: the connection closes after it
+                    resp.force_close()  # (aiohttp reads the keep-alive of the answer after this)
                 self._server.settled.set()
 
     def handle_error(

@@ -191,6 +191,19 @@ async def test_requests_up_to_a_close_are_answered(make_proxy, writes):
 
 
 @pytest.mark.security
+async def test_a_long_pipeline_up_to_a_close_is_answered(make_proxy):
+    """More requests than aiohttp's parser queues at once (32), the last asking to close:
+    the parser, paused while the first are answered, still gets the rest."""
+    proxy = await make_proxy()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(GET * 39 + CLOSE_GET)
+    data, closed = await read_all(reader, 10.0)
+    writer.close()
+    assert closed
+    assert data.count(b"HTTP/1.1 200 OK") == 40
+
+
+@pytest.mark.security
 async def test_connect_then_more_is_answered_and_closed(make_proxy):
     proxy = await make_proxy()
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)

@@ -380,3 +380,57 @@ async def test_drain_does_not_wait_for_a_tls_connection_it_closed(upstream, cloc
         assert time.monotonic() - started < 5
     finally:
         silent.close()
+
+
+async def test_drain_does_not_wait_for_a_tls_connection_aiohttp_closed(sim, upstream, clock):
+    """The answer a connection carries when stopping begins closes it; a TLS connection then
+    reports its loss only once the peer answers the close, which a silent one never does."""
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    runner = await serve(
+        create_app(proxy_config(upstream), clock=clock), "127.0.0.1", 0, ssl_context=server_tls
+    )
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+
+    def connect() -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", runner.addresses[0][1]))
+        return client_tls.wrap_socket(raw, server_hostname="127.0.0.1")
+
+    sim.gate = asyncio.Event()
+    tls = await asyncio.to_thread(connect)
+    try:
+        await asyncio.to_thread(tls.sendall, GET)
+        await eventually(lambda: sum(sim.in_flight.values()) == 1)
+        started = time.monotonic()
+        draining = asyncio.create_task(drain(runner, grace=10))
+        await asyncio.sleep(0.1)
+        await asyncio.to_thread(tls.sendall, GET[:20])  # the start of a next request
+        sim.gate.set()  # the answer goes out, then the connection closes; nothing is read
+        await draining
+        assert time.monotonic() - started < 5
+    finally:
+        tls.close()
+
+
+async def test_drain_lets_an_answered_upload_finish_sending(upstream, clock):
+    """A caller refused before its body was read (413) is still sending it when stopping
+    begins: it may finish, and reads its answer."""
+    config = proxy_config(upstream, **{"limits.max_body_size": "1MiB"})
+    runner = await serve(create_app(config, clock=clock), "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    size, step = 2 * 1024 * 1024, 128 * 1024
+    writer.write(b"POST /v4/file HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+    head = await reader.readuntil(b"\r\n\r\n")  # answered before the body
+    assert head.startswith(b"HTTP/1.1 413 ")
+    draining = asyncio.create_task(drain(runner, grace=10))
+    started = time.monotonic()
+    for _ in range(size // step):  # about 1.6 s, more than aiohttp's 1 s shutdown
+        writer.write(b"x" * step)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+    async with asyncio.timeout(5):
+        await draining
+    assert time.monotonic() - started >= 1.5  # it waited for the body
+    writer.close()
