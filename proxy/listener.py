@@ -124,8 +124,9 @@ def max_connections(runner: web.BaseRunner) -> int:
 
 
 def under_way(runner: web.BaseRunner) -> int:
-    """Connections of ``runner`` with a request under way: its head awaited or arriving, or
-    parsed and not yet answered (a handler aiohttp has not started yet included)."""
+    """Connections of ``runner`` with a request under way: its head awaited or arriving,
+    parsed and not yet answered (a handler aiohttp has not started yet included), or its
+    body still arriving after an early answer."""
     server = runner.server
     if not isinstance(server, _Server):
         return 0
@@ -154,7 +155,7 @@ def stop_keeping_alive(runner: web.BaseRunner) -> None:
             if connection.lingering:
                 # Still reading the body of an answered request: closing it with bytes
                 # unread would send a reset, which can lose the answer. Closes after it.
-                connection.keep_alive(False)
+                connection.close_after_body()
             elif not connection.under_way:
                 connection.force_close()  # close() would leave an idle transport open
 
@@ -233,7 +234,8 @@ class _Connection(RequestHandler):
             return True
         if self._head_since is None:
             return False
-        return bool(self._partial_head) or self._limits.header_timeout > 0
+        # Line breaks between requests are ignored (RFC 9112 2.2): they start no head.
+        return bool(self._partial_head.strip(b"\r\n")) or self._limits.header_timeout > 0
 
     @property
     def lingering(self) -> bool:
@@ -241,6 +243,23 @@ class _Connection(RequestHandler):
         it to the end before the connection is used again)."""
         body = self._body
         return self._answered == self._parsed and body is not None and not body.is_eof()
+
+    def close_after_body(self) -> None:
+        """Close once the body of the answered request has arrived (when stopping).
+
+        Not by turning keep-alive off: aiohttp sets it from the answer a moment after the
+        answer is out, which would undo that.
+        """
+        assert self._body is not None
+
+        def idle() -> None:
+            if not self.under_way:
+                self.force_close()
+
+        def arrived() -> None:  # called inside the parser: act once it is done
+            self._loop.call_soon(idle)
+
+        self._body.on_eof(arrived)
 
     def force_close(self) -> None:
         super().force_close()
