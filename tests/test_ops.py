@@ -229,9 +229,12 @@ async def test_drain_lets_an_upload_in_flight_finish(sim, upstream, clock, clien
     assert time.monotonic() - started < 10
 
 
-async def test_drain_cuts_off_after_the_grace_period(upstream, clock, client):
-    runner = await serve(create_app(proxy_config(upstream), clock=clock), "127.0.0.1", 0)
-    port = runner.addresses[0][1]
+GET = b"GET /v4/hash/ABC HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def stalled_upload(client, port: int) -> asyncio.Task[int]:
+    """An upload that sends 1 KiB of the 2,034 bytes it announces, then stalls; returned
+    once it has stalled."""
     stalled = asyncio.Event()
 
     async def stalling_body():
@@ -240,16 +243,20 @@ async def test_drain_cuts_off_after_the_grace_period(upstream, clock, client):
         await asyncio.sleep(60)
         yield b"never sent"
 
-    async def upload():
-        async with client.post(
-            f"http://127.0.0.1:{port}/v4/file",
-            data=stalling_body(),
-            headers={"Content-Length": "2034"},
-        ) as resp:
+    async def upload() -> int:
+        headers = {"Content-Length": "2034"}
+        url = f"http://127.0.0.1:{port}/v4/file"
+        async with client.post(url, data=stalling_body(), headers=headers) as resp:
             return resp.status
 
     uploading = asyncio.create_task(upload())
     await stalled.wait()
+    return uploading
+
+
+async def test_drain_cuts_off_after_the_grace_period(upstream, clock, client):
+    runner = await serve(create_app(proxy_config(upstream), clock=clock), "127.0.0.1", 0)
+    uploading = await stalled_upload(client, runner.addresses[0][1])
     await asyncio.sleep(0.1)
     started = time.monotonic()
     await drain(runner, grace=0.5)
@@ -272,7 +279,7 @@ async def test_drain_answers_a_connection_made_before_it(upstream, clock):
     draining = asyncio.create_task(drain(runner, grace=30))
     await asyncio.sleep(0.2)  # draining has begun
     assert not draining.done()
-    writer.write(b"GET /v4/hash/ABC HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(GET)
     async with asyncio.timeout(10):
         head = await reader.readuntil(b"\r\n\r\n")
         await draining
@@ -287,28 +294,12 @@ async def test_drain_closes_idle_connections_at_once(upstream, clock, client):
     runner = await serve(create_app(proxy_config(upstream), clock=clock), "127.0.0.1", 0)
     port = runner.addresses[0][1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /v4/hash/ABC HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(GET)
     head = await reader.readuntil(b"\r\n\r\n")
     assert b"Connection: close" not in head
     length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
     await reader.readexactly(length)  # the answer read whole: the connection is idle
-    stalled = asyncio.Event()
-
-    async def stalling_body():
-        yield b"x" * 1024
-        stalled.set()
-        await asyncio.sleep(60)
-        yield b"never sent"
-
-    async def upload():
-        headers = {"Content-Length": "2034"}
-        async with client.post(
-            f"http://127.0.0.1:{port}/v4/file", data=stalling_body(), headers=headers
-        ) as resp:
-            return resp.status
-
-    uploading = asyncio.create_task(upload())
-    await stalled.wait()
+    uploading = await stalled_upload(client, port)
     await eventually(lambda: runner.app[TRAFFIC].in_flight == 1)
     started = time.monotonic()
     draining = asyncio.create_task(drain(runner, grace=3))
@@ -319,9 +310,6 @@ async def test_drain_closes_idle_connections_at_once(upstream, clock, client):
     assert time.monotonic() - started >= 3  # it waited for the upload
     uploading.cancel()
     await asyncio.gather(uploading, return_exceptions=True)
-
-
-GET = b"GET /v4/hash/ABC HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 async def test_drain_answers_pipelined_requests_parsed_before_it(sim, upstream, clock):
