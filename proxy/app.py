@@ -58,7 +58,6 @@ __all__ = [
     "drain",
     "outbound_route",
     "serve",
-    "ssl_context",
 ]
 
 log = logging.getLogger("mdcloud_proxy")
@@ -98,11 +97,6 @@ class _AsGiven(aiohttp.ClientRequest):
         self._skip_auto_headers = _SKIPPED  # still read when a body's Content-Type is set
 
 
-def ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """The TLS settings for the upstream and the token endpoint (sessions resumed)."""
-    return client_context(ca_file)
-
-
 def outbound_route(config: Config) -> Route:
     """How the proxy reaches the upstream and the token endpoint (direct, or which proxy)."""
     return Route(config.proxy, config.proxy_from_file, dict(config.proxy_environment))
@@ -116,9 +110,7 @@ def shared_store(
         return None
     # Replicas of one account share state; nothing in a key or value gives a secret away:
     # keys hold digests, and values are sealed with a key derived from the client secret.
-    account = hashlib.sha256(
-        f"{config.token_url}\0{config.client_id}\0{config.api_key or ''}".encode()
-    ).hexdigest()[:32]
+    account = _digest(config.token_url, config.client_id, config.api_key or "")[:32]
     seal_key = hmac.digest(config.client_secret.encode(), b"mdcloud-proxy redis seal", "sha256")
     return SharedStore(
         config.redis_url,
@@ -130,6 +122,11 @@ def shared_store(
         metrics=metrics,
         clock=clock,
     )
+
+
+def _digest(*parts: str) -> str:
+    """Who the upstream sees, as a digest: parts joined by NULs, which none of them holds."""
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
 def client_session(
@@ -240,7 +237,7 @@ def create_app(
         max_connections=config.max_connections or default_max_connections(reserve),
         closed=lambda reason: metrics.connections_closed.labels(reason).inc(),
     )
-    tls = ssl_context(config.ca_file)
+    tls = client_context(config.ca_file)
     route = outbound_route(config)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -292,11 +289,10 @@ def create_app(
         metrics.body_memory.set_function(lambda: app[FORWARDER].budget.used)
         cache = None
         if config.cache_enabled:
-            identity = f"{config.token_url}\0{config.client_id}"
             cache = LookupCache(
                 forwarder=app[FORWARDER],
                 metrics=metrics,
-                identity=hashlib.sha256(identity.encode()).hexdigest(),
+                identity=_digest(config.token_url, config.client_id),
                 api_key=config.api_key,
                 ttl=config.cache_ttl,
                 miss_ttl=config.cache_miss_ttl,

@@ -213,6 +213,7 @@ class LookupCache:
         if request.method == "POST" and _UPLOAD.match(request.raw_path):
             return await self._upload(request)
         directives = _asked(request)
+        refresh = "no-cache" in directives
         if "no-store" in directives:
             return await self._bypass(request)
         body, digest = None, ""
@@ -231,12 +232,11 @@ class LookupCache:
             if entry is not None and now >= entry.stale_until:
                 del self._entries[key]
                 entry = None
-            if entry is not None and now < entry.fresh_until and "no-cache" not in directives:
+            if entry is not None and now < entry.fresh_until and not refresh:
                 return self._serve(request, entry.answer, "HIT", now - entry.stored_at)
             flight = self._inflight.get(key)
             leader = flight is None
             if flight is None:
-                refresh = "no-cache" in directives
                 flight = self._fly(request, key, body, ANSWERS, refresh=refresh)
                 handed = True
             else:

@@ -11,11 +11,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from yarl import URL
 
-from .app import client_session, outbound_route, ssl_context
+from .app import client_session, outbound_route
 from .config import Config
 from .errors import TokenError, describe
 from .route import Route, proxy_failure
 from .shared import first_words, redis_address
+from .tls import client_context
 from .tokens import ClientCredentials, Token, read_up_to
 
 __all__ = ["check", "print_token"]
@@ -38,7 +39,7 @@ async def _fetch(config: Config, session: aiohttp.ClientSession) -> Token:
 
 async def print_token(config: Config, out: TextIO, err: TextIO) -> bool:
     """Print a fresh access token to ``out`` (for scripts); say why not to ``err``."""
-    async with client_session(config, ssl_context(config.ca_file)) as session:
+    async with client_session(config, client_context(config.ca_file)) as session:
         try:
             token = await _fetch(config, session)
         except TokenError as exc:
@@ -86,7 +87,7 @@ async def check(config: Config, out: TextIO) -> bool:
         "config",
         f"ok (upstream {config.upstream_url}, token endpoint {config.token_url}{via})",
     )
-    async with client_session(config, ssl_context(config.ca_file)) as session:
+    async with client_session(config, client_context(config.ca_file)) as session:
         try:
             token = await _fetch(config, session)
         except TokenError as exc:

@@ -142,6 +142,9 @@ class QuotaWatch:
         """Note an upstream answer to a ``kind_of`` call: its rate-limit headers, a throttle
         it announces."""
         now = self._clock()
+        name = headers.get("X-RateLimit-For") or None
+        if name is not None and len(name) > MAX_NAME:
+            name = None
         if status == 429 and code in THROTTLED:
             # The throttle's own reset: Retry-After, else what X-RateLimit-Reset-In says of
             # it. It moves no quota gauge; a window is never believed closed for long.
@@ -151,11 +154,9 @@ class QuotaWatch:
             if wait is not None and (kind in self._closed_until or len(self._closed_until) < KINDS):
                 until = now + min(wait, MAX_WINDOW)
                 self._closed_until[kind] = max(self._closed_until.get(kind, 0.0), until)
-                named = headers.get("X-RateLimit-For")
                 if self.on_window is not None and len(kind) <= MAX_KIND:
-                    self.on_window(kind, named if named and len(named) <= MAX_NAME else None, until)
-        name = headers.get("X-RateLimit-For")
-        if not name or len(name) > MAX_NAME:
+                    self.on_window(kind, name, until)
+        if name is None:
             return
         if name not in self.limits and len(self.limits) >= LIMIT_TYPES:
             return

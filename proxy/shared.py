@@ -35,7 +35,7 @@ from yarl import URL
 
 from .logs import Throttled
 from .observe import Metrics
-from .quota import KINDS, LIMIT_TYPES, QuotaWatch
+from .quota import KINDS, LIMIT_TYPES, MAX_NAME, QuotaWatch
 
 __all__ = ["Claim", "SharedStore", "first_words", "redis_address"]
 
@@ -425,9 +425,11 @@ class SharedStore:
         self._breaker.succeeded(started)
         return result
 
+    def _mac(self, key: str, value: bytes) -> bytes:
+        return hmac.digest(self._seal_key, VERSION + key.encode() + b"\0" + value, "sha256")
+
     def _seal(self, key: str, value: bytes) -> bytes:
-        mac = hmac.digest(self._seal_key, VERSION + key.encode() + b"\0" + value, "sha256")
-        return VERSION + mac + value
+        return VERSION + self._mac(key, value) + value
 
     def _open(self, key: str, sealed: object) -> bytes | None:
         """The value inside ``sealed`` if this fleet sealed it for ``key``; else None."""
@@ -435,8 +437,7 @@ class SharedStore:
             return None
         if isinstance(sealed, bytes) and sealed[:1] == VERSION and len(sealed) > _MAC:
             value = sealed[1 + _MAC :]
-            mac = hmac.digest(self._seal_key, VERSION + key.encode() + b"\0" + value, "sha256")
-            if hmac.compare_digest(mac, sealed[1 : 1 + _MAC]):
+            if hmac.compare_digest(self._mac(key, value), sealed[1 : 1 + _MAC]):
                 return value
         self._invalid()
         return None
@@ -451,7 +452,7 @@ def _fields(page: object) -> list[tuple[str, bytes]]:
         return []
     found = []
     for name, value in page.items():
-        if isinstance(name, bytes) and isinstance(value, bytes) and len(name) <= 64:
+        if isinstance(name, bytes) and isinstance(value, bytes) and len(name) <= MAX_NAME:
             found.append((name.decode("ascii", "replace"), value))
     return found
 
