@@ -375,13 +375,14 @@ class LookupCache:
         for it (None: another replica asked and stored nothing, or Redis could not say)."""
         assert self._shared is not None
         shared, limit = self._shared, self._fleet_limit
-        answered, value = await shared.load(space, key, limit)
+        until = shared.deadline()  # both calls together add at most cache.redis_timeout
+        answered, value = await shared.load(space, key, limit, until)
         if not answered:
             return None, None  # one call that failed is all a request pays for Redis
         found = self._adopt(space, key, value)
         if not refresh and self._fresh(found):
             return self._found(space, found), None
-        claim, token, value = await shared.claim(space, key, limit)
+        claim, token, value = await shared.claim(space, key, limit, until)
         found = self._adopt(space, key, value)
         if claim is Claim.LEAD:  # perhaps stored between the two calls
             return (None if refresh or not self._fresh(found) else self._found(space, found)), token

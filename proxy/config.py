@@ -239,6 +239,13 @@ _REDIS_OPTIONS = frozenset(
 )
 
 
+_REDIS_DB = re.compile(r"/?(\d+)?")
+_REDIS_CHOICES = {
+    "ssl_cert_reqs": frozenset({"none", "optional", "required"}),
+    "ssl_check_hostname": frozenset({"true", "false", "yes", "no", "1", "0"}),
+}
+
+
 def _redis_url(value: object) -> str:
     """``redis://[user:password@]host:port/db``, ``rediss://`` (TLS) or ``unix:///path``."""
     text = _secret(value)
@@ -259,6 +266,12 @@ def _redis_url(value: object) -> str:
         )
     if url.scheme != "rediss" and any(name.startswith("ssl_") for name in url.query):
         raise ValueError(f"{shown} has TLS options: they need rediss://")
+    if url.scheme != "unix" and not _REDIS_DB.fullmatch(url.path):
+        raise ValueError(f"{shown}: the database, after the port, is a number such as /0")
+    # redis-py reads these only when it connects: a wrong one would fail every call.
+    for name, allowed in _REDIS_CHOICES.items():
+        if name in url.query and url.query[name].lower() not in allowed:
+            raise ValueError(f"{shown}: {name} is one of {', '.join(sorted(allowed))}")
     try:
         parse_redis_url(text)
     except ValueError:

@@ -224,11 +224,18 @@ class SharedStore:
     def _key(self, space: str, digest: bytes) -> str:
         return f"{self._base}{space}:{digest.hex()}"
 
-    async def load(self, space: str, digest: bytes, limit: int) -> tuple[bool, bytes | None]:
-        """Whether Redis answered, and the value this fleet stored under ``digest``, if any
-        (at most ``limit`` bytes)."""
+    def deadline(self) -> float:
+        """When calls begun now must have answered (``cache.redis_timeout``; loop time): what
+        a request's calls share, so that all of them add no more than one of it."""
+        return asyncio.get_running_loop().time() + self._timeout
+
+    async def load(
+        self, space: str, digest: bytes, limit: int, until: float
+    ) -> tuple[bool, bytes | None]:
+        """Whether Redis answered before ``until``, and the value this fleet stored under
+        ``digest``, if any (at most ``limit`` bytes)."""
         key = self._key(space, digest)
-        value = await self._ask(lambda r: r.getrange(key, 0, limit + _MAC))
+        value = await self._ask(lambda r: r.getrange(key, 0, limit + _MAC), until=until)
         return value is not None, self._open(key, value)
 
     async def store(
@@ -239,10 +246,13 @@ class SharedStore:
         sealed = self._seal(key, value)
         await self._ask(lambda r: r.set(key, sealed, px=max(1, int(ttl * 1000))), probe=probe)
 
-    async def claim(self, space: str, digest: bytes, limit: int) -> tuple[Claim, str, bytes | None]:
-        """Take the flight lock of ``digest``: who asks the upstream, a token to release it
-        with, and the value stored meanwhile. Set before reading: a leader stores before it
-        releases, so whoever gets the lock sees what the one before stored."""
+    async def claim(
+        self, space: str, digest: bytes, limit: int, until: float
+    ) -> tuple[Claim, str, bytes | None]:
+        """Take the flight lock of ``digest`` (an answer before ``until``): who asks the
+        upstream, a token to release it with, and the value stored meanwhile. Set before
+        reading: a leader stores before it releases, so whoever gets the lock sees what the
+        one before stored."""
         lock, key = self._key("lock", digest), self._key(space, digest)
         token = secrets.token_hex(16)
         ms = max(1, int(self.lock_timeout * 1000))
@@ -254,7 +264,7 @@ class SharedStore:
             result: list[Any] = await pipe.execute()
             return result
 
-        result = await self._ask(ask)
+        result = await self._ask(ask, until=until)
         if result is None:
             return Claim.ALONE, token, None
         taken, value = result
@@ -388,19 +398,26 @@ class SharedStore:
 
     # -- every call ------------------------------------------------------------------
 
-    async def _ask(self, call: Callable[[Redis], Awaitable[T]], *, probe: bool = False) -> T | None:
+    async def _ask(
+        self,
+        call: Callable[[Redis], Awaitable[T]],
+        *,
+        probe: bool = False,
+        until: float | None = None,
+    ) -> T | None:
         """``call``'s result, or None when Redis did not answer in time or failed; ``probe``:
         asked even while the breaker is open. Waiting for one of the pool's connections and
-        the call share ``cache.redis_timeout``; a call left less than half of it that times
-        out says nothing of Redis (``busy``)."""
+        the call share ``cache.redis_timeout`` (or what is left of it ``until``, a request's
+        ``deadline()``); a call left less than half of it that times out says nothing of
+        Redis (``busy``)."""
         if not (probe or self._breaker.allows()):
             return None
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
-        started = None
+        deadline = self.deadline() if until is None else min(until, self.deadline())
+        started, left = None, 0.0
         try:
             async with asyncio.timeout_at(deadline), self._free:
-                started = self._clock()
+                started, left = self._clock(), deadline - loop.time()
                 result = await call(self._redis)
         except ResponseError as exc:
             # Redis answered, but no: full (maxmemory), a key of another type, no permission.
@@ -409,7 +426,7 @@ class SharedStore:
             return None
         except (RedisError, OSError, TimeoutError) as exc:
             timed_out = isinstance(exc, TimeoutError | RedisTimeout)
-            if started is None or (timed_out and deadline - started < self._timeout / 2):
+            if started is None or (timed_out and left < self._timeout / 2):
                 self._metrics.redis_errors.labels("busy").inc()
                 return None  # the pool's connections were busy: this call skips Redis
             reason = "timeout" if timed_out else "unreachable"

@@ -397,6 +397,49 @@ async def test_a_stalled_redis_adds_at_most_redis_timeout(redis_server, replicas
     assert metrics[("mdcloud_proxy_redis_degraded", ())] == 1
 
 
+async def _slow_relay(port: int, delay: float) -> asyncio.Server:
+    """A TCP relay to 127.0.0.1:``port`` that holds each piece of Redis's answers ``delay``
+    seconds: a Redis that answers every call, slowly."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: float):
+        try:
+            while data := await reader.read(65536):
+                if hold:
+                    await asyncio.sleep(hold)
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def relay(caller_r: asyncio.StreamReader, caller_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(caller_r, redis_w, 0.0), pipe(redis_r, caller_w, delay))
+
+    return await asyncio.start_server(relay, "127.0.0.1", 0)
+
+
+async def test_a_slow_redis_adds_at_most_redis_timeout_to_a_miss(redis_server, replicas, client):
+    """Redis answers every call, each in 0.9 of ``redis_timeout``: a miss's two calls (the
+    read, then the lock) share one ``redis_timeout``, they do not add one each."""
+    (a,) = await replicas(1, **shared(redis_server, MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT="200ms"))
+    quick = sorted([(await lookup(client, a.url, ip(i)))[2] for i in range(20)])
+    relay = await _slow_relay(redis_server.port, 0.18)
+    try:
+        port = relay.sockets[0].getsockname()[1]
+        url = redis_server.url.replace(f":{redis_server.port}/", f":{port}/")
+        env = shared(redis_server, MDCLOUD_PROXY_CACHE_REDIS_TIMEOUT="200ms")
+        (b,) = await replicas(1, **{**env, "MDCLOUD_PROXY_CACHE_REDIS_URL": url})
+        took = sorted([(await lookup(client, b.url, ip(i)))[2] for i in range(20, 30)])
+    finally:
+        relay.close()
+    typical = quick[len(quick) // 2]
+    # Paying it twice would be 0.36 s; the margin is for a busy machine. (A lookup after
+    # the breaker opened, when a call such as the fleet's sync was slower still, pays nothing.)
+    assert max(took) < typical + 0.2 + 0.1
+
+
 async def test_a_lock_held_when_redis_failed_is_still_released(
     redis_server, replicas, fleet_sim, client
 ):
@@ -580,6 +623,9 @@ def test_a_wrong_redis_url_names_the_key_and_not_the_password():
         (f"redis://h:6379/0?password={REDIS_PASSWORD}", "asks for password"),
         ("redis://h:6379/0?ssl_ca_certs=/ca.pem", "has TLS options: they need rediss://"),
         ("redis://h:6379/0?db=abc", "is not a URL redis-py accepts"),
+        ("redis://h:6379/zero", "the database, after the port, is a number"),
+        ("rediss://h:6379/0?ssl_cert_reqs=bogus", "ssl_cert_reqs is one of none, optional"),
+        ("rediss://h:6379/0?ssl_check_hostname=maybe", "ssl_check_hostname is one of"),
         ("unix://", "has no socket path"),
     ):
         with pytest.raises(ConfigError) as info:
@@ -591,6 +637,8 @@ def test_a_wrong_redis_url_names_the_key_and_not_the_password():
         environ={**env, "MDCLOUD_PROXY_CACHE_REDIS_URL": f"redis://:{REDIS_PASSWORD}@h/1"}
     )
     assert REDIS_PASSWORD not in repr(config)
+    for good in ("redis://h", "redis://h:6379/", "rediss://h/2?ssl_cert_reqs=Required"):
+        assert load_config(environ={**env, "MDCLOUD_PROXY_CACHE_REDIS_URL": good}).redis_url
 
 
 async def test_the_page_says_the_cache_is_degraded(tmp_path, replicas, client):
