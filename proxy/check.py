@@ -12,10 +12,10 @@ from redis.exceptions import RedisError
 from yarl import URL
 
 from .app import client_session, outbound_route
-from .config import Config
+from .config import Config, redis_address
 from .errors import TokenError, describe
 from .route import Route, proxy_failure
-from .shared import first_words, redis_address
+from .shared import first_words
 from .tls import client_context
 from .tokens import ClientCredentials, Token, read_up_to
 

@@ -29,6 +29,7 @@ __all__ = [
     "is_loopback",
     "load_config",
     "parse_size",
+    "redis_address",
     "token_url_for",
 ]
 
@@ -246,12 +247,20 @@ _REDIS_CHOICES = {
 }
 
 
+def redis_address(url: str) -> str:
+    """Where a Redis URL points, to be shown: never its user, password or query (which may
+    hold a secret)."""
+    parsed = URL(url)
+    if parsed.scheme == "unix":
+        return f"unix://{parsed.path}"
+    return str(parsed.with_user(None).with_password(None).with_query(None))
+
+
 def _redis_url(value: object) -> str:
     """``redis://[user:password@]host:port/db``, ``rediss://`` (TLS) or ``unix:///path``."""
     text = _secret(value)
     url = URL(text)
-    # Quote the URL without its user:password part and its query: they may hold a secret.
-    shown = repr(str(url.with_user(None).with_query(None))) if url.is_absolute() else "it"
+    shown = repr(redis_address(text)) if url.is_absolute() else "it"
     if url.scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"{shown} is not a redis://, rediss:// or unix:// URL")
     if url.scheme != "unix" and not url.host:

@@ -53,6 +53,13 @@ def _seconds(value: str | None) -> float | None:
     return float(match.group(1)) if match else None
 
 
+def _announced(headers: Mapping[str, str]) -> float | None:
+    """The seconds until a throttle reopens, as an answer says: Retry-After, else
+    X-RateLimit-Reset-In."""
+    wait = _seconds(headers.get("Retry-After"))
+    return wait if wait is not None else _seconds(headers.get("X-RateLimit-Reset-In"))
+
+
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -146,28 +153,23 @@ class QuotaWatch:
         if name is not None and len(name) > MAX_NAME:
             name = None
         if status == 429 and code in THROTTLED:
-            # The throttle's own reset: Retry-After, else what X-RateLimit-Reset-In says of
-            # it. It moves no quota gauge; a window is never believed closed for long.
-            wait = _seconds(headers.get("Retry-After"))
-            if wait is None:
-                wait = _seconds(headers.get("X-RateLimit-Reset-In"))
-            if wait is not None and (kind in self._closed_until or len(self._closed_until) < KINDS):
+            # The throttle's own reset. It moves no quota gauge; a window is never believed
+            # closed for long.
+            wait = _announced(headers)
+            if wait is not None:
                 until = now + min(wait, MAX_WINDOW)
-                self._closed_until[kind] = max(self._closed_until.get(kind, 0.0), until)
-                if self.on_window is not None and len(kind) <= MAX_KIND:
+                noted = self._close(kind, until)
+                if noted and self.on_window is not None and len(kind) <= MAX_KIND:
                     self.on_window(kind, name, until)
         if name is None:
             return
         if name not in self.limits and len(self.limits) >= LIMIT_TYPES:
             return
-        if kind in self._kind_limits or len(self._kind_limits) < KINDS:
-            self._kind_limits[kind] = name
+        self._counts_against(kind, name)
         if status == 429 and code != USED_UP:
             return
-        limit = self.limits.get(name)
-        if limit is None:
-            limit = self.limits[name] = Limit(name)
-            self._metrics.watch_limit(name, lambda: self.limits[name], self._clock)
+        limit = self._limit(name)
+        assert limit is not None  # there was room for it
         for field, header in (
             ("limit", "X-RateLimit-Limit"),
             ("remaining", "X-RateLimit-Remaining"),
@@ -218,12 +220,9 @@ class QuotaWatch:
             return
         if not name or len(name) > MAX_NAME:
             return
-        limit = self.limits.get(name)
+        limit = self._limit(name)
         if limit is None:
-            if len(self.limits) >= LIMIT_TYPES:
-                return
-            limit = self.limits[name] = Limit(name)
-            self._metrics.watch_limit(name, lambda: self.limits[name], self._clock)
+            return
         seen = from_wall(float(seen_at))  # type: ignore[arg-type]
         if seen <= limit.seen_at:
             return
@@ -240,11 +239,30 @@ class QuotaWatch:
         left = until - self._clock()
         if left <= 0 or left > MAX_WINDOW:
             return
-        if kind in self._closed_until or len(self._closed_until) < KINDS:
-            self._closed_until[kind] = max(self._closed_until.get(kind, 0.0), until)
-        known = kind in self._kind_limits or len(self._kind_limits) < KINDS
-        if isinstance(name, str) and 0 < len(name) <= MAX_NAME and known:
+        self._close(kind, until)
+        if isinstance(name, str) and 0 < len(name) <= MAX_NAME:
+            self._counts_against(kind, name)
+
+    def _close(self, kind: str, until: float) -> bool:
+        """Note ``kind``'s throttle window closed until ``until``, if there is room (KINDS
+        kinds at most); whether it is noted."""
+        if kind not in self._closed_until and len(self._closed_until) >= KINDS:
+            return False
+        self._closed_until[kind] = max(self._closed_until.get(kind, 0.0), until)
+        return True
+
+    def _counts_against(self, kind: str, name: str) -> None:
+        """Note that ``kind`` of call counts against limit type ``name`` (KINDS at most)."""
+        if kind in self._kind_limits or len(self._kind_limits) < KINDS:
             self._kind_limits[kind] = name
+
+    def _limit(self, name: str) -> Limit | None:
+        """Limit type ``name``, made with its gauges if there is room (LIMIT_TYPES)."""
+        limit = self.limits.get(name)
+        if limit is None and len(self.limits) < LIMIT_TYPES:
+            limit = self.limits[name] = Limit(name)
+            self._metrics.watch_limit(name, lambda: self.limits[name], self._clock)
+        return limit
 
     def wait_for(
         self, status: int, headers: Mapping[str, str], code: int | None, tries: int, left: float
@@ -253,9 +271,7 @@ class QuotaWatch:
         answer on: not a throttle, no time left, or a reset beyond what is left."""
         if status != 429 or code == USED_UP or self.max_wait <= 0:
             return None
-        announced = _seconds(headers.get("Retry-After"))
-        if announced is None:
-            announced = _seconds(headers.get("X-RateLimit-Reset-In"))
+        announced = _announced(headers)
         if announced is None:
             if code not in THROTTLED:
                 return None  # some other 429 that announces nothing: not ours to wait out

@@ -16,6 +16,7 @@ moved to another key, is ignored (and overwritten by the next answer).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -31,13 +32,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
-from yarl import URL
 
+from .config import redis_address
 from .logs import Throttled
 from .observe import Metrics
 from .quota import KINDS, LIMIT_TYPES, MAX_NAME, QuotaWatch
 
-__all__ = ["Claim", "SharedStore", "first_words", "redis_address"]
+__all__ = ["Claim", "SharedStore", "first_words"]
 
 log = logging.getLogger("mdcloud_proxy.cache")
 
@@ -68,14 +69,6 @@ class Claim(Enum):
     LEAD = "lead"  # this replica: the lock is ours until released
     FOLLOW = "follow"  # another replica is asking: wait for its answer
     ALONE = "alone"  # Redis could not say: ask without it
-
-
-def redis_address(url: str) -> str:
-    """Where ``url`` points, for a log line: never its user or password."""
-    parsed = URL(url)
-    if parsed.scheme == "unix":
-        return f"unix://{parsed.path}"
-    return str(parsed.with_user(None).with_password(None).with_query(None))
 
 
 class _Breaker:
@@ -199,15 +192,13 @@ class SharedStore:
         """The other way round."""
         return wall - (self._wall() - self._clock())
 
-    async def warm_up(self, within: float = 1.0) -> bool:
-        """Open the first connection before the proxy serves: a new process's first connect
-        is slower than any call after it. Whether Redis answered; a failure here is only
+    async def warm_up(self) -> None:
+        """Open the first connection before the proxy serves, for a second at most: a new
+        process's first connect is slower than any call after it. A failure here is only
         logged by the first real call."""
-        try:
-            async with asyncio.timeout(max(within, self._timeout)):
-                return bool(await self._redis.ping())
-        except Exception:  # the first real call says what is wrong, once
-            return False
+        with contextlib.suppress(Exception):  # the first real call says what is wrong, once
+            async with asyncio.timeout(max(1.0, self._timeout)):
+                await self._redis.ping()
 
     async def close(self) -> None:
         """Close the connections (at shutdown), after the answers being stored and the locks
@@ -230,7 +221,7 @@ class SharedStore:
         return asyncio.get_running_loop().time() + self._timeout
 
     async def load(
-        self, space: str, digest: bytes, limit: int, until: float
+        self, space: str, digest: bytes, limit: int, until: float | None = None
     ) -> tuple[bool, bytes | None]:
         """Whether Redis answered before ``until``, and the value this fleet stored under
         ``digest``, if any (at most ``limit`` bytes)."""
@@ -247,7 +238,7 @@ class SharedStore:
         await self._ask(lambda r: r.set(key, sealed, px=max(1, int(ttl * 1000))), probe=probe)
 
     async def claim(
-        self, space: str, digest: bytes, limit: int, until: float
+        self, space: str, digest: bytes, limit: int, until: float | None = None
     ) -> tuple[Claim, str, bytes | None]:
         """Take the flight lock of ``digest`` (an answer before ``until``): who asks the
         upstream, a token to release it with, and the value stored meanwhile. Set before
@@ -275,6 +266,8 @@ class SharedStore:
     ) -> None:
         """In the background: keep ``value`` (if any), then give up the lock ``lead`` (if
         ours), in that order, so that a replica that sees the lock gone finds the answer."""
+        if value is None and lead is None:
+            return  # a fleet's answer, or one not to keep, with no lock: nothing to do
 
         async def publish() -> None:
             if value is not None:  # other replicas wait for it, if the lock is ours
