@@ -544,7 +544,7 @@ class Config:
         "cache.redis_timeout",
         _positive_seconds,
         0.05,
-        doc="the most a Redis call may add to a request",
+        doc="the most Redis may add to a request (its calls share it)",
     )
     lock_timeout: float = setting(
         "cache.lock_timeout",
